@@ -1,0 +1,2 @@
+"""What only one framework can do. Import ``prefopt.backends.torch`` or
+``prefopt.backends.jax`` directly; this package imports neither framework."""

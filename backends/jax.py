@@ -1,0 +1,71 @@
+"""JAX backend: native ops for the core, and helpers for ``jit``, ``vmap`` and sharding.
+
+The losses themselves need nothing from here: they run under ``jax.jit``, ``jax.grad`` and
+``jax.vmap`` as they are (hyperparameters are Python numbers, static under tracing).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+__all__ = ["shard_batch", "stop_gradient"]
+
+
+def log_sigmoid(x):
+    return jax.nn.log_sigmoid(x)
+
+
+def logsumexp(x, *, axis, keepdims):
+    return jax.nn.logsumexp(x, axis=axis, keepdims=keepdims)
+
+
+def is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def on_host(x) -> bool:
+    return all(d.platform == "cpu" for d in x.devices())
+
+
+def stop_gradient(x):
+    """Block gradients through ``x`` (``jax.lax.stop_gradient``); for reference log-probs."""
+    return jax.lax.stop_gradient(x)
+
+
+def shard_batch(arrays: Any, mesh: Mesh | None = None, *, axis_name: str = "batch") -> Any:
+    """Place a pytree of (B, ...) arrays on ``mesh``, split along the batch axis only.
+
+    Groups stay whole: the response axis ``n`` of a (B, n) group batch is never split,
+    because MPO's mean split and log-sum-exps need every response of a prompt on one device.
+    ``B`` must be a multiple of the number of devices on ``axis_name``.
+
+    Args:
+        arrays: A pytree of arrays whose leading axis is the batch.
+        mesh: The device mesh; default: all devices on one axis named ``axis_name``.
+        axis_name: The mesh axis the batch is split over. Default ``"batch"``.
+
+    Returns:
+        The same pytree, each leaf a ``jax.Array`` sharded as ``PartitionSpec(axis_name)``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, prefopt  # doctest: +SKIP
+        >>> from prefopt.backends.jax import shard_batch  # doctest: +SKIP
+        >>> logps, rewards = shard_batch((jnp.zeros((8, 4)), jnp.ones((8, 4))))  # doctest: +SKIP
+        >>> jax.jit(prefopt.mpo_loss)(logps, None, rewards)  # doctest: +SKIP
+    """
+    if mesh is None:
+        mesh = Mesh(jax.devices(), (axis_name,))
+    size = mesh.shape[axis_name]
+
+    def place(x):
+        if x.shape[0] % size:
+            raise ValueError(
+                f"shard_batch: the batch axis ({x.shape[0]}) must be a multiple of the "
+                f"{size} devices on mesh axis {axis_name!r}"
+            )
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(axis_name)))
+
+    return jax.tree_util.tree_map(place, arrays)

@@ -1,0 +1,128 @@
+"""PyTorch backend: native ops for the core, ``nn.Module`` wrappers and ``stop_gradient``.
+
+The wrappers hold the hyperparameters and a ``reduction`` like ``torch.nn`` losses, pass the
+namespace explicitly (no lookup per call) and trace under
+``torch.compile(fullgraph=True)`` without graph breaks.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import array_api_compat.torch as torch_xp
+import torch
+
+import prefopt
+
+__all__ = ["DPOLoss", "MPOLoss", "PreferenceLoss", "stop_gradient"]
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def log_sigmoid(x):
+    return torch.nn.functional.logsigmoid(x)
+
+
+def logsumexp(x, *, axis, keepdims):
+    return torch.logsumexp(x, dim=axis, keepdim=keepdims)
+
+
+def is_concrete(x) -> bool:
+    return not torch.compiler.is_compiling()
+
+
+def on_host(x) -> bool:
+    return x.device.type == "cpu"
+
+
+def stop_gradient(x: torch.Tensor) -> torch.Tensor:
+    """Block gradients through ``x`` (``Tensor.detach``); for reference log-probs."""
+    return x.detach()
+
+
+class PreferenceLoss(torch.nn.Module):
+    """Base of the loss modules: a prefopt loss with fixed options and a reduction.
+
+    Subclasses set ``loss_fn``. Keyword options of the loss (``beta``, ``weighting``...)
+    go to the constructor; arrays go to ``forward``, positionally as the function takes
+    them or by keyword.
+
+    Args:
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per example).
+        **options: Keyword-only options of ``loss_fn``; unknown names raise ``TypeError``.
+    """
+
+    loss_fn: Callable = staticmethod(prefopt.dpo_loss)
+
+    def __init__(self, *, reduction: str = "mean", **options) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}; got {reduction!r}")
+        allowed = {
+            p.name
+            for p in inspect.signature(self.loss_fn).parameters.values()
+            if p.kind is p.KEYWORD_ONLY and p.name != "xp"
+        }
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise TypeError(f"{name}: unknown option(s) {unknown}; expected some of {sorted(allowed)}")
+        self.reduction = reduction
+        self.options = options
+
+    def counted(self, *arrays, **inputs) -> torch.Tensor | None:
+        """Boolean (B,) of the examples a ``"mean"`` averages over; ``None``: all of them."""
+        return None
+
+    def forward(self, *arrays, **inputs) -> torch.Tensor:
+        loss = self.loss_fn(*arrays, **inputs, **self.options, xp=torch_xp)
+        if self.reduction == "none":
+            return loss
+        if self.reduction == "sum":
+            return loss.sum()
+        counted = self.counted(*arrays, **inputs)
+        if counted is None:
+            return loss.mean()
+        return loss.sum() / counted.sum().clamp(min=1).to(loss.dtype)
+
+    def extra_repr(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"reduction={self.reduction!r}" + (f", {options}" if options else "")
+
+
+class DPOLoss(PreferenceLoss):
+    """[`prefopt.dpo_loss`][prefopt.dpo_loss] as a module.
+
+    Example:
+        >>> import torch
+        >>> from prefopt.backends.torch import DPOLoss
+        >>> loss_fn = DPOLoss(beta=0.1)
+        >>> loss = loss_fn(torch.tensor([-5.0]), torch.tensor([-9.0]),
+        ...                torch.tensor([-6.0]), torch.tensor([-8.0]))
+    """
+
+    loss_fn = staticmethod(prefopt.dpo_loss)
+
+
+class MPOLoss(PreferenceLoss):
+    """[`prefopt.mpo_loss`][prefopt.mpo_loss] as a module.
+
+    ``reduction="mean"`` averages over the groups that count (both sets non-empty, see
+    [`prefopt.mpo_split`][prefopt.mpo_split]), so degenerate groups do not dilute the mean;
+    a batch with none gives 0 with a zero gradient.
+
+    Example:
+        >>> import torch
+        >>> from prefopt.backends.torch import MPOLoss
+        >>> loss_fn = MPOLoss(beta=0.1, alpha=1.0, weighting="abs")
+        >>> logps = torch.randn(4, 8, requires_grad=True)
+        >>> loss = loss_fn(logps, None, torch.rand(4, 8))
+        >>> loss.backward()
+    """
+
+    loss_fn = staticmethod(prefopt.mpo_loss)
+
+    def counted(self, logps, ref_logps=None, rewards=None, *, mask=None, chosen=None, **_):
+        _, _, counted = prefopt.mpo_split(rewards, mask=mask, chosen=chosen, check_values=False, xp=torch_xp)
+        return counted

@@ -1,0 +1,192 @@
+"""Namespace lookup and the few numerical ops the Array API standard lacks.
+
+Every op takes the arrays' namespace ``xp`` and, for PyTorch and JAX, delegates to the
+framework's native kernel (through :mod:`prefopt.backends`); other namespaces get a pure
+Array API fallback. The backend module is imported only when the arrays come from its
+framework, so ``import prefopt`` never imports torch or jax.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+
+Array = Any
+
+_NAMESPACE_BY_TYPE: dict[type, ModuleType] = {}
+_NATIVE: dict[int, ModuleType | None] = {}
+
+
+def get_namespace(*arrays: Array | None, xp: ModuleType | None = None) -> ModuleType:
+    """Return the Array API namespace shared by ``arrays`` (``None`` entries are skipped).
+
+    Args:
+        *arrays: The arrays of one call; ``None`` stands for an optional input left out.
+        xp: A namespace the caller already knows; returned as it is, skipping the lookup.
+
+    Returns:
+        The array-api-compat namespace of the arrays (``numpy`` arrays get
+        ``array_api_compat.numpy``, torch tensors ``array_api_compat.torch``, and so on).
+
+    Raises:
+        TypeError: When the arrays come from different libraries.
+    """
+    if xp is not None:
+        return xp
+    found = None
+    for a in arrays:
+        if a is None:
+            continue
+        # array_namespace costs microseconds a call; a dict keyed on the array type does not.
+        cls = type(a)
+        ns = _NAMESPACE_BY_TYPE.get(cls)
+        if ns is None:
+            ns = _NAMESPACE_BY_TYPE[cls] = array_api_compat.array_namespace(a)
+        if found is None:
+            found = ns
+        elif ns is not found:
+            raise TypeError(
+                f"all arrays must come from one library; got {found.__name__} and {ns.__name__}"
+            )
+    if found is None:
+        raise TypeError("no array given: at least one argument must be an array")
+    return found
+
+
+def native(xp: ModuleType) -> ModuleType | None:
+    """Return prefopt's backend module for ``xp`` (torch or jax), or ``None`` for the others."""
+    key = id(xp)
+    if key not in _NATIVE:
+        if array_api_compat.is_torch_namespace(xp):
+            from prefopt.backends import torch as backend
+        elif array_api_compat.is_jax_namespace(xp):
+            from prefopt.backends import jax as backend
+        else:
+            backend = None
+        _NATIVE[key] = backend
+    return _NATIVE[key]
+
+
+def log_sigmoid(x: Array, *, xp: ModuleType | None = None) -> Array:
+    r"""Stable $\log \sigma(x) = -\log(1 + e^{-x})$, elementwise.
+
+    The gradient is exactly $0.5$ at $x = 0$ on every backend (the value DPO starts from,
+    since the policy equals the reference at step 0), and the result is finite for
+    $|x| = 10^4$ in every floating dtype.
+
+    Args:
+        x: A real floating array of any shape.
+        xp: The array namespace, if known.
+
+    Returns:
+        An array of the shape and dtype of ``x``.
+    """
+    xp = get_namespace(x, xp=xp)
+    backend = native(xp)
+    if backend is not None:
+        return backend.log_sigmoid(x)
+    # -logaddexp(0, -x), never min(x, 0) - log1p(exp(-|x|)): the latter's gradient at 0
+    # depends on how a framework differentiates abs and min.
+    return -xp.logaddexp(xp.zeros_like(x), -x)
+
+
+def softplus(x: Array, *, xp: ModuleType | None = None) -> Array:
+    r"""Stable $\operatorname{softplus}(x) = \log(1 + e^{x}) = -\log\sigma(-x)$, elementwise.
+
+    Exact for large $x$ (no linear cut-off as in ``torch.nn.functional.softplus``).
+
+    Args:
+        x: A real floating array of any shape.
+        xp: The array namespace, if known.
+
+    Returns:
+        An array of the shape and dtype of ``x``.
+    """
+    xp = get_namespace(x, xp=xp)
+    return -log_sigmoid(-x, xp=xp)
+
+
+def logsumexp(
+    x: Array,
+    *,
+    axis: int = -1,
+    mask: Array | None = None,
+    keepdims: bool = False,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""$\log \sum_i e^{x_i}$ over ``axis``, counting only the entries where ``mask`` is true.
+
+    A row whose entries are all masked gives $-\infty$, never NaN, and passes an exactly
+    zero gradient to every entry of ``x``. Masked entries of ``x`` may hold anything
+    (NaN, $\pm\infty$): they reach neither the value nor the gradient.
+
+    Args:
+        x: A real floating array.
+        axis: The axis to reduce. Default ``-1``.
+        mask: Optional boolean array broadcastable to ``x``; ``True`` marks the entries
+            that count. ``None`` counts all.
+        keepdims: Keep the reduced axis with size one. Default ``False``.
+        xp: The array namespace, if known.
+
+    Returns:
+        The reduced array, in the dtype of ``x``.
+    """
+    xp = get_namespace(x, mask, xp=xp)
+    backend = native(xp)
+    if mask is None:
+        return _logsumexp(x, axis, keepdims, xp, backend)
+    nonempty = xp.any(mask, axis=axis, keepdims=True)
+    # Make the input safe before the risky op: masked entries of a nonempty row become -inf
+    # (weight e^-inf = 0), those of an empty row 0, so the max shift and the backward pass
+    # never see inf - inf. Filtering the output alone would leave NaN in the gradient.
+    neg_inf = xp.full_like(x, -math.inf)
+    fill = xp.where(nonempty, neg_inf, xp.zeros_like(x))
+    out = _logsumexp(xp.where(mask, x, fill), axis, True, xp, backend)
+    out = xp.where(nonempty, out, xp.full_like(out, -math.inf))
+    return out if keepdims else xp.squeeze(out, axis=axis)
+
+
+def _logsumexp(x, axis, keepdims, xp, backend):
+    if backend is not None:
+        return backend.logsumexp(x, axis=axis, keepdims=keepdims)
+    peak = xp.max(x, axis=axis, keepdims=True)
+    peak = xp.where(xp.isfinite(peak), peak, xp.zeros_like(peak))
+    out = xp.log(xp.sum(xp.exp(x - peak), axis=axis, keepdims=True)) + peak
+    return out if keepdims else xp.squeeze(out, axis=axis)
+
+
+def masked_mean(
+    x: Array,
+    mask: Array | None = None,
+    *,
+    axis: int | None = None,
+    keepdims: bool = False,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""Mean of ``x`` over the entries where ``mask`` is true: $\sum_i m_i x_i / \max(1, \sum_i m_i)$.
+
+    An empty selection gives $0$ (not NaN) with a zero gradient; unselected entries may hold
+    anything, NaN included, and reach neither the value nor the gradient. This is how a
+    batch of MPO losses is averaged over its non-degenerate groups only (see
+    [`mpo_split`][prefopt.mpo_split]).
+
+    Args:
+        x: A real floating array.
+        mask: Boolean array broadcastable to ``x``. ``None`` selects everything.
+        axis: The axis to reduce; ``None`` reduces all. Default ``None``.
+        keepdims: Keep reduced axes with size one. Default ``False``.
+        xp: The array namespace, if known.
+
+    Returns:
+        The mean, in the dtype of ``x``.
+    """
+    xp = get_namespace(x, mask, xp=xp)
+    if mask is None:
+        return xp.mean(x, axis=axis, keepdims=keepdims)
+    mask = xp.broadcast_to(mask, x.shape)
+    total = xp.sum(xp.where(mask, x, xp.zeros_like(x)), axis=axis, keepdims=keepdims)
+    count = xp.sum(xp.astype(mask, x.dtype), axis=axis, keepdims=keepdims)
+    return total / xp.maximum(count, xp.ones_like(count))
