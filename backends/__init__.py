@@ -1,2 +1,5 @@
-"""What only one framework can do. Import ``prefopt.backends.torch`` or
-``prefopt.backends.jax`` directly; this package imports neither framework."""
+"""What only one framework can do.
+
+Import ``prefopt.backends.torch`` or ``prefopt.backends.jax`` directly; this package itself
+imports neither framework.
+"""

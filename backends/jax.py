@@ -51,10 +51,11 @@ def shard_batch(arrays: Any, mesh: Mesh | None = None, *, axis_name: str = "batc
         The same pytree, each leaf a ``jax.Array`` sharded as ``PartitionSpec(axis_name)``.
 
     Example:
-        >>> import jax, jax.numpy as jnp, prefopt  # doctest: +SKIP
-        >>> from prefopt.backends.jax import shard_batch  # doctest: +SKIP
-        >>> logps, rewards = shard_batch((jnp.zeros((8, 4)), jnp.ones((8, 4))))  # doctest: +SKIP
-        >>> jax.jit(prefopt.mpo_loss)(logps, None, rewards)  # doctest: +SKIP
+        >>> import jax, jax.numpy as jnp, prefopt
+        >>> from prefopt.backends.jax import shard_batch
+        >>> logps, rewards = shard_batch((jnp.zeros((8, 4)), jnp.arange(32.0).reshape(8, 4)))
+        >>> jax.jit(prefopt.mpo_loss)(logps, None, rewards).shape
+        (8,)
     """
     if mesh is None:
         mesh = Mesh(jax.devices(), (axis_name,))

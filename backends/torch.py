@@ -67,7 +67,9 @@ class PreferenceLoss(torch.nn.Module):
         }
         unknown = sorted(set(options) - allowed)
         if unknown:
-            raise TypeError(f"{name}: unknown option(s) {unknown}; expected some of {sorted(allowed)}")
+            raise TypeError(
+                f"{name}: unknown option(s) {unknown}; expected some of {sorted(allowed)}"
+            )
         self.reduction = reduction
         self.options = options
 
@@ -76,6 +78,7 @@ class PreferenceLoss(torch.nn.Module):
         return None
 
     def forward(self, *arrays, **inputs) -> torch.Tensor:
+        """The loss of a batch, reduced as ``reduction`` says."""
         loss = self.loss_fn(*arrays, **inputs, **self.options, xp=torch_xp)
         if self.reduction == "none":
             return loss
@@ -87,6 +90,7 @@ class PreferenceLoss(torch.nn.Module):
         return loss.sum() / counted.sum().clamp(min=1).to(loss.dtype)
 
     def extra_repr(self) -> str:
+        """The options, as ``print(module)`` shows them."""
         options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"reduction={self.reduction!r}" + (f", {options}" if options else "")
 
@@ -124,5 +128,8 @@ class MPOLoss(PreferenceLoss):
     loss_fn = staticmethod(prefopt.mpo_loss)
 
     def counted(self, logps, ref_logps=None, rewards=None, *, mask=None, chosen=None, **_):
-        _, _, counted = prefopt.mpo_split(rewards, mask=mask, chosen=chosen, check_values=False, xp=torch_xp)
+        """The groups with a non-empty chosen and rejected set."""
+        _, _, counted = prefopt.mpo_split(
+            rewards, mask=mask, chosen=chosen, check_values=False, xp=torch_xp
+        )
         return counted

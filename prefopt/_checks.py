@@ -14,9 +14,24 @@ from types import ModuleType
 
 from prefopt._ops import Array, native
 
+_KIND: dict = {}
+
+
+def is_kind(dtype, kind, xp: ModuleType) -> bool:
+    """``xp.isdtype`` memoised: it is a hot-path call and its answer never changes."""
+    key = (dtype, kind, id(xp))
+    answer = _KIND.get(key)
+    if answer is None:
+        answer = _KIND[key] = xp.isdtype(dtype, kind)
+    return answer
+
+
+def is_floating(dtype, xp: ModuleType) -> bool:
+    return is_kind(dtype, "real floating", xp)
+
 
 def floating(fn: str, name: str, x: Array, xp: ModuleType) -> None:
-    if not xp.isdtype(x.dtype, "real floating"):
+    if not is_floating(x.dtype, xp):
         raise TypeError(f"{fn}: {name} must be a real floating array; got dtype {x.dtype}")
 
 
@@ -26,40 +41,53 @@ def boolean(fn: str, name: str, x: Array, xp: ModuleType) -> None:
 
 
 def numeric(fn: str, name: str, x: Array, xp: ModuleType) -> None:
-    if not xp.isdtype(x.dtype, ("real floating", "integral")):
+    if not is_kind(x.dtype, ("real floating", "integral"), xp):
         raise TypeError(
             f"{fn}: {name} must be a real floating or integer array; got dtype {x.dtype}"
         )
 
 
-def same_shape(fn: str, layout: str, arrays: dict[str, Array | None]) -> tuple[int, ...]:
-    """Check that all given arrays have rank ``len(layout)`` and the shape of the first."""
-    ndim = len(layout.split(","))
-    first_name, shape = None, None
+def same_shape(fn: str, layout: str, arrays: dict[str, Array | None]) -> None:
+    """Check that the given arrays have rank ``len(layout)`` and the shape of the first."""
+    first, shape = None, None
     for name, x in arrays.items():
         if x is None:
             continue
-        if x.ndim != ndim:
-            raise ValueError(
-                f"{fn}: {name} must have {ndim} dimension(s), shape ({layout}); "
-                f"got shape {tuple(x.shape)}"
-            )
         if shape is None:
-            first_name, shape = name, tuple(x.shape)
-        elif tuple(x.shape) != shape:
+            first, shape = name, x.shape
+            ndim = layout.count(",") + 1
+            if x.ndim != ndim:
+                raise ValueError(
+                    f"{fn}: {name} must have {ndim} dimension(s), shape ({layout}); "
+                    f"got shape {tuple(x.shape)}"
+                )
+        elif x.shape != shape:
+            if x.ndim != len(shape):
+                raise ValueError(
+                    f"{fn}: {name} must have {len(shape)} dimension(s), shape ({layout}); "
+                    f"got shape {tuple(x.shape)}"
+                )
             raise ValueError(
-                f"{fn}: {name} must have the shape of {first_name}, {shape}; "
-                f"got {tuple(x.shape)}"
+                f"{fn}: {name} must have the shape of {first}, {tuple(shape)}; got {tuple(x.shape)}"
             )
-    return shape
+
+
+_COMPUTE_DTYPE: dict = {}
 
 
 def compute_dtype(xp: ModuleType, *arrays: Array | None):
-    """The dtype a loss computes in: the arrays' common float dtype, half precision raised
-    to float32 (a bf16 loss would round log-ratio differences away)."""
-    dtype = xp.result_type(*(x.dtype for x in arrays if x is not None))
-    if xp.finfo(dtype).bits < 32:
-        dtype = xp.float32
+    """The dtype a loss computes in: the arrays' common float dtype, half raised to float32.
+
+    A bf16 loss would round log-ratio differences away.
+    """
+    dtypes = tuple(x.dtype for x in arrays if x is not None)
+    key = (dtypes, id(xp))
+    dtype = _COMPUTE_DTYPE.get(key)
+    if dtype is None:
+        dtype = xp.result_type(*dtypes)
+        if xp.finfo(dtype).bits < 32:
+            dtype = xp.float32
+        _COMPUTE_DTYPE[key] = dtype
     return dtype
 
 
@@ -85,7 +113,9 @@ def in_range(fn: str, name: str, value: float, low: float, high: float) -> float
 
 def one_of(fn: str, name: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise ValueError(f"{fn}: {name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        raise ValueError(
+            f"{fn}: {name} must be one of {', '.join(map(repr, choices))}; got {value!r}"
+        )
     return value
 
 
@@ -101,13 +131,24 @@ def values_checked(x: Array, xp: ModuleType, check_values: bool | None) -> bool:
     return bool(check_values) or backend.on_host(x)
 
 
-def finite_where(fn: str, name: str, x: Array, where: Array, xp: ModuleType) -> None:
-    bad = int(xp.sum(xp.astype(where & ~xp.isfinite(x), xp.int32)))
-    if bad:
-        raise ValueError(f"{fn}: {name} must be finite where mask is true; got {bad} NaN or infinite value(s)")
+def count_false(flags: Array, xp: ModuleType) -> int | None:
+    """How many ``flags`` are false; ``None`` when that is unknown.
+
+    Concrete inputs used inside a ``jax.jit`` trace still give traced results.
+    """
+    # One all() on the common, clean path; the count only for the error message.
+    ok = xp.all(flags)
+    backend = native(xp)
+    if backend is not None and not backend.is_concrete(ok):
+        return None
+    return 0 if ok else int(xp.sum(xp.astype(~flags, xp.int32)))
 
 
-def positive_where(fn: str, name: str, x: Array, where: Array, xp: ModuleType) -> None:
-    bad = int(xp.sum(xp.astype(where & ~(x > xp.zeros_like(x)), xp.int32)))
+def positive_where(fn: str, name: str, x: Array, where: Array, xp: ModuleType) -> bool:
+    """Raise if ``x`` is not > 0 where ``where``; return whether it could be checked."""
+    bad = count_false(~where | (x > 0.0), xp)
     if bad:
-        raise ValueError(f"{fn}: {name} must be > 0 where mask is true; got {bad} value(s) <= 0 or NaN")
+        raise ValueError(
+            f"{fn}: {name} must be > 0 where mask is true; got {bad} value(s) <= 0 or NaN"
+        )
+    return bad is not None

@@ -135,26 +135,19 @@ def logsumexp(
         The reduced array, in the dtype of ``x``.
     """
     xp = get_namespace(x, mask, xp=xp)
+    if mask is not None:
+        # Masked entries weigh e^-inf = 0. The native kernels return -inf for an all-masked
+        # row; the NaN their backward computes there, exp(-inf - -inf), lands only on masked
+        # entries, and this where() gives those an exactly zero gradient.
+        x = xp.where(mask, x, -math.inf)
     backend = native(xp)
-    if mask is None:
-        return _logsumexp(x, axis, keepdims, xp, backend)
-    nonempty = xp.any(mask, axis=axis, keepdims=True)
-    # Make the input safe before the risky op: masked entries of a nonempty row become -inf
-    # (weight e^-inf = 0), those of an empty row 0, so the max shift and the backward pass
-    # never see inf - inf. Filtering the output alone would leave NaN in the gradient.
-    neg_inf = xp.full_like(x, -math.inf)
-    fill = xp.where(nonempty, neg_inf, xp.zeros_like(x))
-    out = _logsumexp(xp.where(mask, x, fill), axis, True, xp, backend)
-    out = xp.where(nonempty, out, xp.full_like(out, -math.inf))
-    return out if keepdims else xp.squeeze(out, axis=axis)
-
-
-def _logsumexp(x, axis, keepdims, xp, backend):
     if backend is not None:
         return backend.logsumexp(x, axis=axis, keepdims=keepdims)
     peak = xp.max(x, axis=axis, keepdims=True)
-    peak = xp.where(xp.isfinite(peak), peak, xp.zeros_like(peak))
-    out = xp.log(xp.sum(xp.exp(x - peak), axis=axis, keepdims=True)) + peak
+    finite = xp.isfinite(peak)
+    total = xp.sum(xp.exp(x - xp.where(finite, peak, 0.0)), axis=axis, keepdims=True)
+    # An all -inf row: log(1) + peak = -inf, without ever taking log(0).
+    out = xp.log(xp.where(finite, total, 1.0)) + peak
     return out if keepdims else xp.squeeze(out, axis=axis)
 
 
@@ -166,7 +159,9 @@ def masked_mean(
     keepdims: bool = False,
     xp: ModuleType | None = None,
 ) -> Array:
-    r"""Mean of ``x`` over the entries where ``mask`` is true: $\sum_i m_i x_i / \max(1, \sum_i m_i)$.
+    r"""Mean of ``x`` over the entries where ``mask`` is true.
+
+    $$\operatorname{mean} = \frac{\sum_i m_i x_i}{\max(1, \sum_i m_i)}$$
 
     An empty selection gives $0$ (not NaN) with a zero gradient; unselected entries may hold
     anything, NaN included, and reach neither the value nor the gradient. This is how a

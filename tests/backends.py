@@ -76,16 +76,24 @@ class TorchBackend(Backend):
     def asarray(self, a, dtype="float64"):
         a = np.asarray(a)
         if dtype == "bfloat16":
-            return self.torch.asarray(a.astype(np.float64), device=self.device).to(self.torch.bfloat16)
+            return self.torch.asarray(a.astype(np.float64), device=self.device).to(
+                self.torch.bfloat16
+            )
         return self.torch.asarray(a.astype(dtype), device=self.device)
 
     def to_numpy(self, x):
-        return x.detach().to("cpu", self.torch.float64).numpy() if x.is_floating_point() else x.cpu().numpy()
+        return (
+            x.detach().to("cpu", self.torch.float64).numpy()
+            if x.is_floating_point()
+            else x.cpu().numpy()
+        )
 
     def value_and_grad(self, fn, args, wrt):
         """``fn(*args)`` and the gradients of its sum with respect to ``args[i]``, i in ``wrt``."""
-        args = [a.detach().clone().requires_grad_(i in wrt) if a is not None and i in wrt else a
-                for i, a in enumerate(args)]
+        args = [
+            a.detach().clone().requires_grad_(i in wrt) if a is not None and i in wrt else a
+            for i, a in enumerate(args)
+        ]
         out = fn(*args)
         grads = self.torch.autograd.grad(out.sum(), [args[i] for i in wrt])
         return out, list(grads)
@@ -116,7 +124,11 @@ class JaxBackend(Backend):
 
     def to_numpy(self, x):
         x = np.asarray(x)
-        return x.astype(np.float64) if np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16" else x
+        return (
+            x.astype(np.float64)
+            if np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16"
+            else x
+        )
 
     def value_and_grad(self, fn, args, wrt):
         def summed(*diff):
@@ -126,9 +138,9 @@ class JaxBackend(Backend):
             out = fn(*full)
             return out.sum(), out
 
-        (_, out), grads = self.jax.value_and_grad(summed, argnums=tuple(range(len(wrt))), has_aux=True)(
-            *[args[i] for i in wrt]
-        )
+        (_, out), grads = self.jax.value_and_grad(
+            summed, argnums=tuple(range(len(wrt))), has_aux=True
+        )(*[args[i] for i in wrt])
         return out, list(grads)
 
 

@@ -33,8 +33,18 @@ def dpo(chosen, rejected, ref_chosen=None, ref_rejected=None, *, beta=0.1, label
     return out
 
 
-def mpo(logps, ref_logps, rewards, *, mask=None, chosen=None, lengths=None,
-        beta=0.1, alpha=1.0, weighting="abs"):
+def mpo(
+    logps,
+    ref_logps,
+    rewards,
+    *,
+    mask=None,
+    chosen=None,
+    lengths=None,
+    beta=0.1,
+    alpha=1.0,
+    weighting="abs",
+):
     out = []
     for b in range(len(logps)):
         n = len(logps[b])
@@ -54,8 +64,12 @@ def mpo(logps, ref_logps, rewards, *, mask=None, chosen=None, lengths=None,
             h = float(logps[b][i]) - (float(ref_logps[b][i]) if ref_logps is not None else 0.0)
             if lengths is not None:
                 h /= float(lengths[b][i])
-            log_w = {"abs": alpha * abs(dev[i]), "signed": alpha * dev[i],
-                     "squared": alpha * dev[i] ** 2, "none": 0.0}[weighting]
+            log_w = {
+                "abs": alpha * abs(dev[i]),
+                "signed": alpha * dev[i],
+                "squared": alpha * dev[i] ** 2,
+                "none": 0.0,
+            }[weighting]
             t[i] = beta * h + log_w
         # LOSSES.md's form: logsumexp over all valid minus logsumexp over the chosen.
         out.append(_lse([t[i] for i in valid]) - _lse([t[i] for i in pos]))

@@ -59,7 +59,9 @@ def test_gradients_match_finite_differences(diff_backend, rng, case, label_smoot
 
     out, grads = backend.value_and_grad(loss, arrays, wrt=[0, 1, 2, 3])
     numeric = reference.numeric_grad(
-        lambda *a: reference.dpo(*a, beta=0.3, label_smoothing=label_smoothing), inputs, [0, 1, 2, 3]
+        lambda *a: reference.dpo(*a, beta=0.3, label_smoothing=label_smoothing),
+        inputs,
+        [0, 1, 2, 3],
     )
     for g, expected in zip(grads, numeric):
         assert_close(backend.to_numpy(g), expected, tol=GRAD_TOL)
@@ -71,7 +73,9 @@ def test_gradient_is_exactly_half_beta_at_zero_log_ratio(diff_backend, dtype):
     # 0.5 on one framework and 1.0 on another at this very point.
     backend = diff_backend
     x = backend.asarray(np.full(3, -7.0), dtype)
-    _, grads = backend.value_and_grad(lambda *a: prefopt.dpo_loss(*a, beta=0.1), [x, x, x, x], [0, 1])
+    _, grads = backend.value_and_grad(
+        lambda *a: prefopt.dpo_loss(*a, beta=0.1), [x, x, x, x], [0, 1]
+    )
     # -0.5 * beta in float32, then rounded to the input's dtype by the cast's backward
     half_beta = float(np.float32(-0.5) * np.float32(0.1)) if dtype != "float64" else -0.05
     expected = backend.to_numpy(backend.asarray(np.full(3, half_beta), dtype))

@@ -62,7 +62,9 @@ def call_reference(inputs, **kw):
 
 
 def input_scale(inputs, beta):
-    return beta * max(np.abs(inputs[k]).max() for k in ("logps", "ref_logps") if inputs[k] is not None)
+    return beta * max(
+        np.abs(inputs[k]).max() for k in ("logps", "ref_logps") if inputs[k] is not None
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -75,7 +77,9 @@ def test_values(backend, rng, dtype, case, weighting, ragged):
     out = call_mpo(arrays, **kw)
     check_result(backend, out, (MASK.shape[0],), dtype)
     inputs = read(backend, arrays)
-    assert_close(backend.to_numpy(out), call_reference(inputs, **kw), dtype, scale=input_scale(inputs, 0.2))
+    assert_close(
+        backend.to_numpy(out), call_reference(inputs, **kw), dtype, scale=input_scale(inputs, 0.2)
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -146,7 +150,9 @@ def test_gradients_agree_across_frameworks_at_zero_log_ratio(rng):
     for name in ("torch", "jax"):
         b = make_backend(name)
         arrays = mpo_inputs(b, rng, "zero", "float64")
-        _, grads = b.value_and_grad(lambda *a: call_mpo(dict(zip(arrays, a))), list(arrays.values()), [0])
+        _, grads = b.value_and_grad(
+            lambda *a: call_mpo(dict(zip(arrays, a))), list(arrays.values()), [0]
+        )
         results.append(b.to_numpy(grads[0]))
         rng = np.random.default_rng(20241206)
     np.testing.assert_allclose(results[0], results[1], rtol=1e-14, atol=1e-16)
@@ -155,7 +161,9 @@ def test_gradients_agree_across_frameworks_at_zero_log_ratio(rng):
 def test_padding_garbage_changes_nothing(diff_backend, rng):
     backend = diff_backend
     clean = mpo_inputs(backend, rng, "random", "float64", reference_free=False)
-    logps, ref, rewards, _ = (backend.to_numpy(clean[k]) for k in ("logps", "ref_logps", "rewards", "logps"))
+    logps, ref, rewards, _ = (
+        backend.to_numpy(clean[k]) for k in ("logps", "ref_logps", "rewards", "logps")
+    )
     garbage = {}
     for name, a in (("logps", logps), ("ref_logps", ref), ("rewards", rewards)):
         a = a.copy()
@@ -164,7 +172,9 @@ def test_padding_garbage_changes_nothing(diff_backend, rng):
     dirty = dict(clean, **garbage)
     outs, grads = [], []
     for arrays in (clean, dirty):
-        out, g = backend.value_and_grad(lambda *a: call_mpo(dict(zip(arrays, a))), list(arrays.values()), [0, 1])
+        out, g = backend.value_and_grad(
+            lambda *a: call_mpo(dict(zip(arrays, a))), list(arrays.values()), [0, 1]
+        )
         outs.append(backend.to_numpy(out))
         grads.append([backend.to_numpy(x) for x in g])
     np.testing.assert_array_equal(outs[0], outs[1])
@@ -178,7 +188,9 @@ def test_padding_garbage_in_lengths(backend, rng):
     lengths = backend.to_numpy(clean["lengths"]).copy()
     lengths[~MASK] = 0.0
     dirty = dict(clean, lengths=backend.asarray(lengths))
-    np.testing.assert_array_equal(backend.to_numpy(call_mpo(clean)), backend.to_numpy(call_mpo(dirty)))
+    np.testing.assert_array_equal(
+        backend.to_numpy(call_mpo(clean)), backend.to_numpy(call_mpo(dirty))
+    )
 
 
 def test_degenerate_groups_give_exactly_zero_loss_and_gradient(diff_backend, rng):
@@ -187,10 +199,14 @@ def test_degenerate_groups_give_exactly_zero_loss_and_gradient(diff_backend, rng
     rewards[0] = 3.25  # all equal
     rewards[5] = 0.1  # all equal, with a mean that is not exact in binary
     arrays = dict(
-        logps=backend.asarray(logps), ref_logps=backend.asarray(ref), rewards=backend.asarray(rewards),
+        logps=backend.asarray(logps),
+        ref_logps=backend.asarray(ref),
+        rewards=backend.asarray(rewards),
         mask=backend.asarray(MASK, "bool"),
     )
-    out, grads = backend.value_and_grad(lambda *a: call_mpo(dict(zip(arrays, a))), list(arrays.values()), [0, 1])
+    out, grads = backend.value_and_grad(
+        lambda *a: call_mpo(dict(zip(arrays, a))), list(arrays.values()), [0, 1]
+    )
     out = backend.to_numpy(out)
     degenerate = [0, 3, 4, 5]  # equal rewards, equal rewards, one response, no response
     assert np.all(out[degenerate] == 0.0)
@@ -200,7 +216,9 @@ def test_degenerate_groups_give_exactly_zero_loss_and_gradient(diff_backend, rng
         assert np.all(np.isfinite(g))
         assert np.all(g[degenerate] == 0.0)
     _, _, counted = prefopt.mpo_split(arrays["rewards"], mask=arrays["mask"])
-    np.testing.assert_array_equal(backend.to_numpy(counted), [False, True, True, False, False, False])
+    np.testing.assert_array_equal(
+        backend.to_numpy(counted), [False, True, True, False, False, False]
+    )
 
 
 @pytest.mark.parametrize("weighting", ["abs", "squared", "none"])
@@ -213,11 +231,18 @@ def test_two_responses_equal_dpo(diff_backend, rng, weighting):
     rows = np.arange(8)
     lose = 1 - win
     group = [backend.asarray(a) for a in (logps, ref, rewards)]
-    pair = [backend.asarray(a) for a in (logps[rows, win], logps[rows, lose], ref[rows, win], ref[rows, lose])]
+    pair = [
+        backend.asarray(a)
+        for a in (logps[rows, win], logps[rows, lose], ref[rows, win], ref[rows, lose])
+    ]
     mpo_out, (mpo_grad,) = backend.value_and_grad(
-        lambda lp, r, rw: prefopt.mpo_loss(lp, r, rw, beta=0.3, alpha=2.0, weighting=weighting), group, [0]
+        lambda lp, r, rw: prefopt.mpo_loss(lp, r, rw, beta=0.3, alpha=2.0, weighting=weighting),
+        group,
+        [0],
     )
-    dpo_out, dpo_grads = backend.value_and_grad(lambda *a: prefopt.dpo_loss(*a, beta=0.3), pair, [0, 1])
+    dpo_out, dpo_grads = backend.value_and_grad(
+        lambda *a: prefopt.dpo_loss(*a, beta=0.3), pair, [0, 1]
+    )
     np.testing.assert_allclose(backend.to_numpy(mpo_out), backend.to_numpy(dpo_out), rtol=1e-13)
     mpo_grad = backend.to_numpy(mpo_grad)
     np.testing.assert_allclose(mpo_grad[rows, win], backend.to_numpy(dpo_grads[0]), rtol=1e-12)
@@ -230,11 +255,17 @@ def test_permutation_and_reward_shift_invariance(backend, rng, weighting):
     inputs = read(backend, arrays)
     base = backend.to_numpy(call_mpo(arrays, weighting=weighting, alpha=0.5))
     perm = rng.permutation(MASK.shape[1])
-    permuted = {k: None if v is None else backend.asarray(v[:, perm], "bool" if k == "mask" else "float64")
-                for k, v in inputs.items()}
-    np.testing.assert_allclose(backend.to_numpy(call_mpo(permuted, weighting=weighting, alpha=0.5)), base, rtol=1e-12)
+    permuted = {
+        k: None if v is None else backend.asarray(v[:, perm], "bool" if k == "mask" else "float64")
+        for k, v in inputs.items()
+    }
+    np.testing.assert_allclose(
+        backend.to_numpy(call_mpo(permuted, weighting=weighting, alpha=0.5)), base, rtol=1e-12
+    )
     shifted = dict(arrays, rewards=backend.asarray(inputs["rewards"] + 17.0))
-    np.testing.assert_allclose(backend.to_numpy(call_mpo(shifted, weighting=weighting, alpha=0.5)), base, rtol=1e-10)
+    np.testing.assert_allclose(
+        backend.to_numpy(call_mpo(shifted, weighting=weighting, alpha=0.5)), base, rtol=1e-10
+    )
 
 
 def test_masked_mean_over_counted_groups(backend, rng):
@@ -242,5 +273,7 @@ def test_masked_mean_over_counted_groups(backend, rng):
     loss = call_mpo(arrays)
     _, _, counted = prefopt.mpo_split(arrays["rewards"], mask=arrays["mask"])
     mean = backend.to_numpy(prefopt.masked_mean(loss, counted))
-    expected = np.mean([v for v, m in zip(call_reference(read(backend, arrays)), MASK.sum(1)) if m >= 2])
+    expected = np.mean(
+        [v for v, m in zip(call_reference(read(backend, arrays)), MASK.sum(1)) if m >= 2]
+    )
     assert_close(mean, expected)

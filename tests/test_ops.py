@@ -60,7 +60,12 @@ def test_masked_logsumexp(backend, rng, dtype):
     assert_close(got[keep], np.asarray(expected)[keep], dtype, scale=1e4)
     full = prefopt.logsumexp(backend.asarray(x, dtype), axis=0, keepdims=True)
     check_result(backend, full, (1, 7), dtype)
-    assert_close(backend.to_numpy(full)[0], _lse_rows(backend.to_numpy(backend.asarray(x, dtype)).T, np.ones((7, 5))), dtype, scale=1e4)
+    assert_close(
+        backend.to_numpy(full)[0],
+        _lse_rows(backend.to_numpy(backend.asarray(x, dtype)).T, np.ones((7, 5))),
+        dtype,
+        scale=1e4,
+    )
 
 
 def test_masked_logsumexp_gradient_is_zero_outside_the_mask(diff_backend, rng):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
+from typing import NamedTuple
+
+from array_api_compat import device
 
 from prefopt import _checks
 from prefopt._ops import Array, get_namespace, log_sigmoid, logsumexp
@@ -18,16 +22,22 @@ def group_inputs(
     rewards: Array,
     mask: Array | None,
     lengths: Array | None,
-    check_values: bool | None,
 ) -> tuple[Array, Array | None, Array, Array, Array | None]:
-    """Validate a group batch; return ``(logps, ref_logps, rewards, valid, lengths)``.
+    """Validate the shapes and dtypes of a group batch.
 
-    Log-probs and lengths come back in the compute dtype (see ``_checks.compute_dtype``).
+    Returns ``(logps, ref_logps, rewards, valid, lengths)``: log-probs and lengths in the
+    compute dtype (see ``_checks.compute_dtype``), integer rewards cast to it.
     """
     _checks.same_shape(
         fn,
         "B, n",
-        {"logps": logps, "ref_logps": ref_logps, "rewards": rewards, "mask": mask, "lengths": lengths},
+        {
+            "logps": logps,
+            "ref_logps": ref_logps,
+            "rewards": rewards,
+            "mask": mask,
+            "lengths": lengths,
+        },
     )
     _checks.floating(fn, "logps", logps, xp)
     if ref_logps is not None:
@@ -36,34 +46,22 @@ def group_inputs(
         _checks.numeric(fn, "lengths", lengths, xp)
     dtype = _checks.compute_dtype(xp, logps, ref_logps)
     logps, ref_logps, lengths = (_checks.cast(x, dtype, xp) for x in (logps, ref_logps, lengths))
-    valid = _valid(fn, xp, mask, logps)
-    rewards = _rewards(fn, xp, rewards, valid, dtype, check_values)
-    if lengths is not None and _checks.values_checked(lengths, xp, check_values):
-        _checks.positive_where(fn, "lengths", lengths, valid, xp)
-    return logps, ref_logps, rewards, valid, lengths
+    return logps, ref_logps, _rewards(fn, xp, rewards, dtype), _valid(fn, xp, mask, logps), lengths
 
 
 def _valid(fn: str, xp: ModuleType, mask: Array | None, like: Array) -> Array:
     if mask is None:
-        return xp.ones(like.shape, dtype=xp.bool, device=_device(like))
+        return xp.ones(like.shape, dtype=xp.bool, device=device(like))
     _checks.boolean(fn, "mask", mask, xp)
     return mask
 
 
-def _rewards(fn, xp, rewards, valid, dtype, check_values):
+def _rewards(fn: str, xp: ModuleType, rewards: Array, dtype) -> Array:
     """Integer ratings become ``dtype``; floating rewards keep their own dtype."""
     _checks.numeric(fn, "rewards", rewards, xp)
-    if not xp.isdtype(rewards.dtype, "real floating"):
+    if not _checks.is_floating(rewards.dtype, xp):
         rewards = xp.astype(rewards, dtype)
-    if _checks.values_checked(rewards, xp, check_values):
-        _checks.finite_where(fn, "rewards", rewards, valid, xp)
     return rewards
-
-
-def _device(x):
-    from array_api_compat import device
-
-    return device(x)
 
 
 def scores(
@@ -75,26 +73,54 @@ def scores(
     xp: ModuleType,
 ) -> Array:
     r"""$s_i = \beta\,h(y_i)$ on valid slots, exactly 0 on padding (whatever it holds)."""
-    zero = xp.zeros_like(logps)
     h = logps if ref_logps is None else logps - ref_logps
     if lengths is not None:
-        h = h / xp.where(valid, lengths, xp.ones_like(lengths))
+        h = h / xp.where(valid, lengths, 1.0)
     # Padding may hold NaN or inf: replace it before anything can exp() or differentiate it.
-    return beta * xp.where(valid, h, zero)
+    return beta * xp.where(valid, h, 0.0)
 
 
-def split(rewards: Array, valid: Array, chosen: Array | None, xp: ModuleType):
-    """The MPO mean split without validation: ``(deviation, chosen, rejected, counted)``."""
-    zero = xp.zeros_like(rewards)
-    r = xp.where(valid, rewards, zero)
-    count = xp.sum(xp.astype(valid, rewards.dtype), axis=-1, keepdims=True)
-    mean = xp.sum(r, axis=-1, keepdims=True) / xp.maximum(count, xp.ones_like(count))
-    deviation = xp.where(valid, r - mean, zero)
-    chosen = deviation > zero if chosen is None else chosen
-    chosen = chosen & valid
-    rejected = valid & ~chosen
-    counted = xp.any(chosen, axis=-1) & xp.any(rejected, axis=-1)
-    return deviation, chosen, rejected, counted
+class Split(NamedTuple):
+    """MPO's mean split of a group batch (see ``split``)."""
+
+    deviation: Array  # (B, n) r_i - mean over the valid r; finite garbage on padding
+    chosen: Array  # (B, n) bool
+    rejected: Array  # (B, n) bool
+    counted: Array  # (B,) bool: both sets non-empty
+    total: Array  # (B, 1) sum of the valid rewards: non-finite exactly when one of them is
+    checked: bool  # whether the rewards were checked to be finite
+
+
+def split(
+    fn: str, rewards: Array, valid: Array, chosen: Array | None, xp: ModuleType, check_values
+) -> Split:
+    """The MPO mean split; raises on non-finite valid rewards where values can be read."""
+    r = xp.where(valid, rewards, 0.0)
+    count = xp.sum(xp.astype(valid, r.dtype), axis=-1, keepdims=True)
+    total = xp.sum(r, axis=-1, keepdims=True)
+    checked = _rewards_checked(fn, rewards, total, xp, check_values)
+    deviation = r - total / xp.clip(count, min=1.0)
+    if chosen is None:
+        chosen = (deviation > 0.0) & valid
+        # Some reward above the mean implies another below it: Y- is non-empty whenever
+        # Y+ is, so one any() decides.
+        counted = xp.any(chosen, axis=-1)
+    else:
+        chosen = chosen & valid
+        counted = xp.any(chosen, axis=-1) & xp.any(valid ^ chosen, axis=-1)
+    return Split(deviation, chosen, valid ^ chosen, counted, total, checked)
+
+
+def _rewards_checked(fn: str, rewards: Array, total: Array, xp: ModuleType, check_values) -> bool:
+    if not _checks.values_checked(rewards, xp, check_values):
+        return False
+    bad = _checks.count_false(xp.isfinite(total), xp)
+    if bad:
+        raise ValueError(
+            f"{fn}: rewards must be finite where mask is true; "
+            f"got NaN or infinite rewards in {bad} group(s)"
+        )
+    return bad is not None
 
 
 def mpo_split(
@@ -128,8 +154,9 @@ def mpo_split(
         rewards: (B, n) real rewards; padding slots may hold anything.
         mask: (B, n) boolean, ``True`` on real responses. ``None``: all are real.
         chosen: (B, n) boolean explicit chosen set, or ``None`` for the mean split.
-        check_values: Whether to check that rewards are finite (see
-            [Input validation](../validation.md)). Default ``None``: on host memory only.
+        check_values: Whether to check that valid rewards are finite: ``None`` (default)
+            on arrays in host memory only, ``True`` also on an accelerator (a device
+            sync), ``False`` never.
         xp: The array namespace, if known.
 
     Returns:
@@ -147,9 +174,9 @@ def mpo_split(
     valid = _valid(fn, xp, mask, rewards)
     # Integer ratings split exactly in float32: a mean of integers is either an integer
     # (representable) or at least 1/n away from every integer.
-    rewards = _rewards(fn, xp, rewards, valid, xp.float32, check_values)
-    _, chosen, rejected, counted = split(rewards, valid, chosen, xp)
-    return chosen, rejected, counted
+    rewards = _rewards(fn, xp, rewards, xp.float32)
+    groups = split(fn, rewards, valid, chosen, xp, check_values)
+    return groups.chosen, groups.rejected, groups.counted
 
 
 def mpo_loss(
@@ -212,6 +239,7 @@ def mpo_loss(
         check_values: Check that rewards are finite and lengths positive on valid slots:
             ``None`` (default) on arrays in host memory only, ``True`` also on an
             accelerator (a device sync), ``False`` never. Never inside ``jit``/``compile``.
+            Where rewards are not checked, a group with a non-finite reward gets loss NaN.
         xp: The array namespace, if known.
 
     Returns:
@@ -231,7 +259,7 @@ def mpo_loss(
         >>> logps = np.array([[-4.0, -6.0, -5.0, -7.0]])
         >>> rewards = np.array([[0.9, 0.1, 0.7, 0.3]])
         >>> prefopt.mpo_loss(logps, None, rewards, weighting="none").round(6)
-        array([0.64391])
+        array([0.598139])
     """
     fn = "mpo_loss"
     xp = get_namespace(logps, ref_logps, rewards, mask, chosen, lengths, xp=xp)
@@ -247,17 +275,31 @@ def mpo_loss(
         _checks.same_shape(fn, "B, n", {"logps": logps, "chosen": chosen})
         _checks.boolean(fn, "chosen", chosen, xp)
     logps, ref_logps, rewards, valid, lengths = group_inputs(
-        fn, xp, logps, ref_logps, rewards, mask, lengths, check_values
+        fn, xp, logps, ref_logps, rewards, mask, lengths
     )
+    if lengths is not None and _checks.values_checked(lengths, xp, check_values):
+        _checks.positive_where(fn, "lengths", lengths, valid, xp)
     s = scores(logps, ref_logps, valid, lengths, beta, xp)
-    deviation, chosen, rejected, counted = split(rewards, valid, chosen, xp)
+    groups = split(fn, rewards, valid, chosen, xp, check_values)
+    counted = groups.counted
     if weighting != "none":
-        d = xp.astype(deviation, s.dtype)
-        s = s + alpha * {"abs": xp.abs(d), "signed": d, "squared": d * d}[weighting]
-    zero = xp.zeros(counted.shape, dtype=s.dtype, device=_device(s))
-    # A degenerate group has an empty set, whose log-sum-exp is -inf. Let both sets span
-    # the whole (sanitised) row there: every value and gradient stays finite, and the
-    # where() below discards the result with an exactly zero gradient.
-    skip = ~counted[..., None]
-    margin = logsumexp(s, mask=chosen | skip, xp=xp) - logsumexp(s, mask=rejected | skip, xp=xp)
-    return xp.where(counted, -log_sigmoid(margin, xp=xp), zero)
+        d = _checks.cast(groups.deviation, s.dtype, xp)
+        if weighting == "abs":
+            d = xp.abs(d)
+        elif weighting == "squared":
+            d = d * d
+        s = s + alpha * d
+    lse_rejected = logsumexp(s, mask=groups.rejected, xp=xp)
+    if mask is not None:
+        # A group with no valid response has two empty sets, -inf - -inf; its loss is
+        # discarded below, but the subtraction must not produce NaN (or NumPy warnings).
+        lse_rejected = xp.where(xp.any(valid, axis=-1), lse_rejected, 0.0)
+    margin = logsumexp(s, mask=groups.chosen, xp=xp) - lse_rejected
+    # A degenerate group gets margin +inf, where -log(sigmoid) and its gradient are exactly
+    # 0; replacing it before the log-sigmoid keeps the -inf it had out of every backward.
+    loss = -log_sigmoid(xp.where(counted, margin, math.inf), xp=xp)
+    if not groups.checked:
+        # Unchecked (traced, on an accelerator, or check_values=False): a non-finite reward
+        # makes its group's loss NaN, visible, rather than a silently skipped group.
+        loss = xp.where(xp.isfinite(groups.total[..., 0]), loss, math.nan)
+    return loss

@@ -101,7 +101,7 @@ def dpo_loss(
         >>> import numpy as np, prefopt
         >>> prefopt.dpo_loss(np.array([-5.0]), np.array([-9.0]), np.array([-6.0]),
         ...                  np.array([-8.0]), beta=0.5)
-        array([0.04858735])
+        array([0.31326169])
     """
     fn = "dpo_loss"
     xp = get_namespace(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp=xp)
