@@ -30,8 +30,15 @@ def on_host(x) -> bool:
     return all(d.platform == "cpu" for d in x.devices())
 
 
-def stop_gradient(x):
-    """Block gradients through ``x`` (``jax.lax.stop_gradient``); for reference log-probs."""
+def stop_gradient(x: Any) -> Any:
+    """Block gradients through ``x`` (``jax.lax.stop_gradient``): for reference log-probs.
+
+    Args:
+        x: Any array or pytree of arrays.
+
+    Returns:
+        ``x`` with a zero gradient under ``jax.grad``.
+    """
     return jax.lax.stop_gradient(x)
 
 

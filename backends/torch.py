@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import array_api_compat.torch as torch_xp
 import torch
@@ -37,7 +38,14 @@ def on_host(x) -> bool:
 
 
 def stop_gradient(x: torch.Tensor) -> torch.Tensor:
-    """Block gradients through ``x`` (``Tensor.detach``); for reference log-probs."""
+    """Block gradients through ``x`` (``Tensor.detach``): for reference log-probs.
+
+    Args:
+        x: Any tensor.
+
+    Returns:
+        ``x`` detached from the autograd graph (same storage, no copy).
+    """
     return x.detach()
 
 
@@ -55,7 +63,7 @@ class PreferenceLoss(torch.nn.Module):
 
     loss_fn: Callable = staticmethod(prefopt.dpo_loss)
 
-    def __init__(self, *, reduction: str = "mean", **options) -> None:
+    def __init__(self, *, reduction: str = "mean", **options: Any) -> None:
         super().__init__()
         name = type(self).__name__
         if reduction not in REDUCTIONS:

@@ -73,11 +73,14 @@ def scores(
     xp: ModuleType,
 ) -> Array:
     r"""$s_i = \beta\,h(y_i)$ on valid slots, exactly 0 on padding (whatever it holds)."""
-    h = logps if ref_logps is None else logps - ref_logps
+    # Padding may hold NaN or -inf (a masked log-softmax): replace it before any arithmetic,
+    # so that neither a value, a gradient nor a NumPy warning ever comes from it.
+    h = xp.where(valid, logps, 0.0)
+    if ref_logps is not None:
+        h = h - xp.where(valid, ref_logps, 0.0)
     if lengths is not None:
         h = h / xp.where(valid, lengths, 1.0)
-    # Padding may hold NaN or inf: replace it before anything can exp() or differentiate it.
-    return beta * xp.where(valid, h, 0.0)
+    return beta * h
 
 
 class Split(NamedTuple):
