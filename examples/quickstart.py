@@ -13,9 +13,9 @@ import argparse
 
 import numpy as np
 import torch
+from prefopt.backends.torch import MPOLoss
 
 import prefopt
-from prefopt.backends.torch import MPOLoss
 
 
 def main():
@@ -45,17 +45,22 @@ def main():
         logps = torch.log_softmax(logits.masked_fill(~mask, -torch.inf), dim=-1)
         loss = loss_fn(logps, ref_logps, rewards, mask=mask)
         if step % 50 == 0:
-            print(f"step {step:4d}  MPO loss {loss.item():.4f}  expected reward {expected_reward():.3f}")
+            reward = expected_reward()
+            print(f"step {step:4d}  MPO loss {loss.item():.4f}  expected reward {reward:.3f}")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    print(f"expected reward: {start:.3f} at the start, {expected_reward():.3f} now (best possible {best:.3f})")
+    end = expected_reward()
+    print(f"expected reward: {start:.3f} at the start, {end:.3f} now (best possible {best:.3f})")
 
     # The same function on other array libraries gives the same numbers.
     logps = torch.log_softmax(logits.detach().masked_fill(~mask, -torch.inf), dim=-1)
     arrays = [logps.double().numpy(), ref_logps.double().numpy(), rewards.double().numpy()]
     m = mask.numpy()
-    print("per-group loss, torch:", prefopt.mpo_loss(*map(torch.from_numpy, arrays), mask=mask, **options)[:3].numpy())
+    print(
+        "per-group loss, torch:",
+        prefopt.mpo_loss(*map(torch.from_numpy, arrays), mask=mask, **options)[:3].numpy(),
+    )
     print("per-group loss, numpy:", prefopt.mpo_loss(*arrays, mask=m, **options)[:3])
     try:
         import jax

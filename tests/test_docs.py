@@ -14,21 +14,31 @@ def public_symbols():
     modules = {"prefopt": prefopt}
     for name in ("torch", "jax"):
         try:
-            modules[f"prefopt.backends.{name}"] = __import__(f"prefopt.backends.{name}", fromlist=["_"])
+            modules[f"prefopt.backends.{name}"] = __import__(
+                f"prefopt.backends.{name}", fromlist=["_"]
+            )
         except ImportError:
             continue
-    return [(path, name, getattr(module, name)) for path, module in modules.items() for name in module.__all__]
+    return [
+        (path, name, getattr(module, name))
+        for path, module in modules.items()
+        for name in module.__all__
+    ]
 
 
 def documented():
     """Names with a ``::: name`` entry; ``backends.x`` (the source folder, which the docs
     build reads statically) stands for ``prefopt.backends.x``."""
     text = "\n".join(p.read_text() for p in DOCS.rglob("*.md"))
-    names = {line.split(":::", 1)[1].strip() for line in text.splitlines() if line.startswith(":::")}
+    names = {
+        line.split(":::", 1)[1].strip() for line in text.splitlines() if line.startswith(":::")
+    }
     return {"prefopt." + n if n.startswith("backends.") else n for n in names}
 
 
-@pytest.mark.parametrize("path,name,obj", public_symbols(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "path,name,obj", public_symbols(), ids=lambda v: v if isinstance(v, str) else ""
+)
 def test_public_symbol_is_documented(path, name, obj):
     assert f"{path}.{name}" in documented(), f"{path}.{name} has no '::: {path}.{name}' in docs/"
     doc = inspect.getdoc(obj)

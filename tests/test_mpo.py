@@ -284,7 +284,12 @@ def test_padding_garbage_values_on_every_backend(backend, rng, reference_free):
     # -inf is what a masked log-softmax leaves in padding; NaN and inf are plain garbage.
     # Warnings are errors in this suite, so NumPy may not even warn about them.
     clean = mpo_inputs(
-        backend, rng, "random", "float64", reference_free=reference_free, with_lengths=reference_free
+        backend,
+        rng,
+        "random",
+        "float64",
+        reference_free=reference_free,
+        with_lengths=reference_free,
     )
     dirty = dict(clean)
     for name in ("logps", "ref_logps", "rewards", "lengths"):
@@ -293,4 +298,6 @@ def test_padding_garbage_values_on_every_backend(backend, rng, reference_free):
         a = backend.to_numpy(clean[name]).copy()
         a[~MASK] = np.resize([-np.inf, np.nan, np.inf, 0.0], int((~MASK).sum()))
         dirty[name] = backend.asarray(a)
-    np.testing.assert_array_equal(backend.to_numpy(call_mpo(clean)), backend.to_numpy(call_mpo(dirty)))
+    np.testing.assert_array_equal(
+        backend.to_numpy(call_mpo(clean)), backend.to_numpy(call_mpo(dirty))
+    )

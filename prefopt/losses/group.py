@@ -155,12 +155,12 @@ def mpo_split(
 
     Args:
         rewards: (B, n) real rewards; padding slots may hold anything.
-        mask: (B, n) boolean, ``True`` on real responses. ``None``: all are real.
-        chosen: (B, n) boolean explicit chosen set, or ``None`` for the mean split.
+        mask: (B, n) boolean, ``True`` on real responses. Default ``None``: all are real.
+        chosen: (B, n) boolean explicit chosen set. Default ``None``: the mean split.
         check_values: Whether to check that valid rewards are finite: ``None`` (default)
             on arrays in host memory only, ``True`` also on an accelerator (a device
             sync), ``False`` never.
-        xp: The array namespace, if known.
+        xp: The array namespace, if known. Default ``None``: looked up.
 
     Returns:
         ``(chosen, rejected, counted)``: boolean (B, n), (B, n) and (B,).
