@@ -103,15 +103,12 @@ def split(
     total = xp.sum(r, axis=-1, keepdims=True)
     checked = _rewards_checked(fn, rewards, total, xp, check_values)
     deviation = r - total / xp.clip(count, min=1.0)
-    if chosen is None:
-        chosen = (deviation > 0.0) & valid
-        # Some reward above the mean implies another below it: Y- is non-empty whenever
-        # Y+ is, so one any() decides.
-        counted = xp.any(chosen, axis=-1)
-    else:
-        chosen = chosen & valid
-        counted = xp.any(chosen, axis=-1) & xp.any(valid ^ chosen, axis=-1)
-    return Split(deviation, chosen, valid ^ chosen, counted, total, checked)
+    chosen = (deviation > 0.0 if chosen is None else chosen) & valid
+    rejected = valid ^ chosen
+    # Both any()s are needed even for the mean split: equal rewards whose computed mean
+    # rounds below them (7.300473036790027 five times) would all land in Y+.
+    counted = xp.any(chosen, axis=-1) & xp.any(rejected, axis=-1)
+    return Split(deviation, chosen, rejected, counted, total, checked)
 
 
 def _rewards_checked(fn: str, rewards: Array, total: Array, xp: ModuleType, check_values) -> bool:
