@@ -104,6 +104,13 @@ def positive(fn: str, name: str, value: float) -> float:
     return value
 
 
+def non_negative(fn: str, name: str, value: float) -> float:
+    value = float(value)
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"{fn}: {name} must be a finite number >= 0; got {value}")
+    return value
+
+
 def in_range(fn: str, name: str, value: float, low: float, high: float) -> float:
     value = float(value)
     if not low <= value <= high:

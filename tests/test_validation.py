@@ -111,9 +111,10 @@ class TestMPO:
         with raises(ValueError, "weighting", "'abs', 'signed', 'squared', 'none'", "'linear'"):
             prefopt.mpo_loss(f64(2, 4), None, f64(2, 4), weighting="linear")
 
-    def test_negative_alpha(self):
-        with raises(ValueError, "alpha", "-1.0"):
-            prefopt.mpo_loss(f64(2, 4), None, f64(2, 4), alpha=-1.0)
+    @pytest.mark.parametrize("alpha", [-1.0, float("inf"), float("nan")])
+    def test_bad_alpha(self, alpha):
+        with raises(ValueError, "mpo_loss", "alpha", ">= 0", str(alpha)):
+            prefopt.mpo_loss(f64(2, 4), None, f64(2, 4), alpha=alpha)
 
     def test_split_validates_too(self):
         with raises(ValueError, "mpo_split", "rewards", "finite"):

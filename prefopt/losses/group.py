@@ -264,7 +264,7 @@ def mpo_loss(
     fn = "mpo_loss"
     xp = get_namespace(logps, ref_logps, rewards, mask, chosen, lengths, xp=xp)
     beta = _checks.positive(fn, "beta", beta)
-    alpha = _checks.in_range(fn, "alpha", alpha, 0.0, float("inf"))
+    alpha = _checks.non_negative(fn, "alpha", alpha)
     _checks.one_of(fn, "weighting", weighting, WEIGHTINGS)
     if lengths is not None and ref_logps is not None:
         raise ValueError(
@@ -297,7 +297,8 @@ def mpo_loss(
     margin = logsumexp(s, mask=groups.chosen, xp=xp) - lse_rejected
     # A degenerate group gets margin +inf, where -log(sigmoid) and its gradient are exactly
     # 0; replacing it before the log-sigmoid keeps the -inf it had out of every backward.
-    loss = -log_sigmoid(xp.where(counted, margin, math.inf), xp=xp)
+    # (0 - x, not -x: log_sigmoid(inf) is 0.0 in PyTorch, and -0.0 would print as "-0.")
+    loss = 0.0 - log_sigmoid(xp.where(counted, margin, math.inf), xp=xp)
     if not groups.checked:
         # Unchecked (traced, on an accelerator, or check_values=False): a non-finite reward
         # makes its group's loss NaN, visible, rather than a silently skipped group.

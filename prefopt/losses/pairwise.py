@@ -41,7 +41,7 @@ def log_ratios(
 
 def smoothed_sigmoid_loss(z: Array, label_smoothing: float, xp: ModuleType) -> Array:
     r"""$-(1-\varepsilon)\log\sigma(z) - \varepsilon\log\sigma(-z)$, the cDPO loss of a margin."""
-    loss = -log_sigmoid(z, xp=xp)
+    loss = 0.0 - log_sigmoid(z, xp=xp)  # +0.0, never -0.0, for a saturated margin
     if label_smoothing:
         loss = (1.0 - label_smoothing) * loss - label_smoothing * log_sigmoid(-z, xp=xp)
     return loss
