@@ -61,11 +61,13 @@ class PreferenceLoss(torch.nn.Module):
         **options: Keyword-only options of ``loss_fn``; unknown names raise ``TypeError``.
     """
 
-    loss_fn: Callable = staticmethod(prefopt.dpo_loss)
+    loss_fn: Callable | None = None
 
     def __init__(self, *, reduction: str = "mean", **options: Any) -> None:
         super().__init__()
         name = type(self).__name__
+        if self.loss_fn is None:
+            raise TypeError(f"{name} has no loss_fn: use MPOLoss or DPOLoss, or set loss_fn")
         if reduction not in REDUCTIONS:
             raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}; got {reduction!r}")
         allowed = {

@@ -55,6 +55,13 @@ def test_dpo_module():
     assert "beta=0.3" in repr(DPOLoss(beta=0.3))
 
 
+def test_base_class_needs_a_loss():
+    from prefopt.backends.torch import PreferenceLoss
+
+    with pytest.raises(TypeError, match="PreferenceLoss has no loss_fn"):
+        PreferenceLoss()
+
+
 def test_module_rejects_unknown_options():
     with pytest.raises(TypeError, match="MPOLoss: unknown option.*'gamma'.*expected.*'alpha'"):
         MPOLoss(gamma=1.0)
