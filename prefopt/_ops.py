@@ -184,4 +184,4 @@ def masked_mean(
     mask = xp.broadcast_to(mask, x.shape)
     total = xp.sum(xp.where(mask, x, xp.zeros_like(x)), axis=axis, keepdims=keepdims)
     count = xp.sum(xp.astype(mask, x.dtype), axis=axis, keepdims=keepdims)
-    return total / xp.maximum(count, xp.ones_like(count))
+    return total / xp.clip(count, min=1.0)

@@ -22,6 +22,7 @@ def group_inputs(
     rewards: Array,
     mask: Array | None,
     lengths: Array | None,
+    chosen: Array | None = None,
 ) -> tuple[Array, Array | None, Array, Array, Array | None]:
     """Validate the shapes and dtypes of a group batch.
 
@@ -37,9 +38,12 @@ def group_inputs(
             "rewards": rewards,
             "mask": mask,
             "lengths": lengths,
+            "chosen": chosen,
         },
     )
     _checks.floating(fn, "logps", logps, xp)
+    if chosen is not None:
+        _checks.boolean(fn, "chosen", chosen, xp)
     if ref_logps is not None:
         _checks.floating(fn, "ref_logps", ref_logps, xp)
     if lengths is not None:
@@ -271,11 +275,8 @@ def mpo_loss(
             f"{fn}: lengths normalise the reference-free variant only; "
             "pass ref_logps=None or leave lengths out"
         )
-    if chosen is not None:
-        _checks.same_shape(fn, "B, n", {"logps": logps, "chosen": chosen})
-        _checks.boolean(fn, "chosen", chosen, xp)
     logps, ref_logps, rewards, valid, lengths = group_inputs(
-        fn, xp, logps, ref_logps, rewards, mask, lengths
+        fn, xp, logps, ref_logps, rewards, mask, lengths, chosen
     )
     if lengths is not None and _checks.values_checked(lengths, xp, check_values):
         _checks.positive_where(fn, "lengths", lengths, valid, xp)
