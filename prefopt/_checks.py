@@ -10,6 +10,7 @@ per call), ``False`` never checks. Nothing is checked inside a trace.
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 
 from prefopt._ops import Array, native
@@ -111,10 +112,22 @@ def non_negative(fn: str, name: str, value: float) -> float:
     return value
 
 
-def in_range(fn: str, name: str, value: float, low: float, high: float) -> float:
+def in_range(
+    fn: str, name: str, value: float, low: float, high: float, *, open_low=False, open_high=False
+) -> float:
     value = float(value)
-    if not low <= value <= high:
-        raise ValueError(f"{fn}: {name} must lie in [{low}, {high}]; got {value}")
+    above = low < value if open_low else low <= value
+    below = value < high if open_high else value <= high
+    if not (above and below):
+        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        raise ValueError(f"{fn}: {name} must lie in {interval}; got {value}")
+    return value
+
+
+def finite(fn: str, name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{fn}: {name} must be a finite number; got {value}")
     return value
 
 

@@ -93,6 +93,17 @@ def log_sigmoid(x: Array, *, xp: ModuleType | None = None) -> Array:
     return -xp.logaddexp(xp.zeros_like(x), -x)
 
 
+def sigmoid(x: Array, *, xp: ModuleType) -> Array:
+    r"""$\sigma(x)$ as $e^{\log\sigma(x)}$: no overflow and a finite gradient for any $x$."""
+    return xp.exp(log_sigmoid(x, xp=xp))
+
+
+def stop_gradient(x: Array, *, xp: ModuleType) -> Array:
+    """``x`` as a constant for autodiff (``detach`` / ``lax.stop_gradient``); NumPy: ``x``."""
+    backend = native(xp)
+    return x if backend is None else backend.stop_gradient(x)
+
+
 def softplus(x: Array, *, xp: ModuleType | None = None) -> Array:
     r"""Stable $\operatorname{softplus}(x) = \log(1 + e^{x}) = -\log\sigma(-x)$, elementwise.
 

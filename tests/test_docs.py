@@ -11,7 +11,7 @@ DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 
 
 def public_symbols():
-    modules = {"prefopt": prefopt}
+    modules = {"prefopt": prefopt, "prefopt.metrics": prefopt.metrics}
     for name in ("torch", "jax"):
         try:
             modules[f"prefopt.backends.{name}"] = __import__(
@@ -19,10 +19,12 @@ def public_symbols():
             )
         except ImportError:
             continue
+    generated = set(getattr(modules.get("prefopt.backends.torch"), "LOSS_MODULES", {}))
     return [
         (path, name, getattr(module, name))
         for path, module in modules.items()
         for name in module.__all__
+        if not (path == "prefopt.backends.torch" and name in generated)
     ]
 
 
@@ -45,7 +47,13 @@ def test_public_symbol_is_documented(path, name, obj):
     assert doc and len(doc.splitlines()) >= 3, f"{path}.{name} needs a real docstring"
 
 
-@pytest.mark.parametrize("name", ["dpo_loss", "mpo_loss", "mpo_split"])
+LOSS_FUNCTIONS = sorted(
+    {prefopt.get_loss(n).__name__ for n in prefopt.available_losses()}
+    | {"mpo_split", "kto_kl", "combine_losses", "group_pairwise_loss"}
+)
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCTIONS)
 def test_loss_docstrings_carry_formula_shapes_defaults_and_citation(name):
     doc = inspect.getdoc(getattr(prefopt, name))
     for section in ("Args:", "Returns:", "References:", "arXiv:"):
@@ -53,6 +61,12 @@ def test_loss_docstrings_carry_formula_shapes_defaults_and_citation(name):
     assert "$" in doc, f"{name}: docstring lacks its formula"
     assert "(B" in doc, f"{name}: docstring lacks the shapes"
     assert "Default" in doc, f"{name}: docstring lacks the defaults"
+
+
+def test_every_registered_name_is_in_the_choosing_table():
+    table = (DOCS / "choosing.md").read_text()
+    for name in prefopt.available_losses():
+        assert f"`{name}`" in table.split("Rules of thumb")[0], name
 
 
 def test_import_prefopt_imports_neither_torch_nor_jax():

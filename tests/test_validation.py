@@ -150,3 +150,95 @@ def test_concrete_rewards_closed_over_in_jit_poison_their_group():
     rewards = jnp.array([[1.0, jnp.nan], [1.0, 2.0]])
     out = jax.jit(lambda lp: prefopt.mpo_loss(lp, None, rewards))(jnp.zeros((2, 2)))
     assert bool(jnp.isnan(out[0])) and bool(jnp.isfinite(out[1]))
+
+
+class TestCatalogue:
+    @pytest.mark.parametrize("name", [n for n in prefopt.available_losses() if n != "dpo"])
+    def test_every_loss_names_itself_and_the_argument_on_a_shape_error(self, name):
+        fn = prefopt.get_loss(name)
+        kind = prefopt.available_losses()[name]
+        if kind == "group":
+            args, kw = (f64(3, 4), None, f64(3, 5)), {}
+            fragments = ("rewards", "(3, 4)", "got (3, 5)")
+        elif kind == "unpaired":
+            args, kw = (f64(4), None, np.ones(3, dtype=bool)), {}
+            fragments = ("desirable", "(4,)", "got (3,)")
+        else:
+            args, kw = (f64(4), f64(3)), {}
+            if kind == "reference-free":
+                kw = {"chosen_lengths": f64(4, value=2.0), "rejected_lengths": f64(4, value=2.0)}
+                if name == "cpo":
+                    kw.pop("rejected_lengths")
+            fragments = ("rejected_logps", "(4,)", "got (3,)")
+        with raises(ValueError, fn.__name__, *fragments):
+            fn(*args, **kw)
+
+    @pytest.mark.parametrize("name", ["sigmoid_norm", "simpo", "orpo"])
+    def test_required_lengths(self, name):
+        with raises(ValueError, name, "chosen_lengths and rejected_lengths", "required", "None"):
+            prefopt.get_loss(name)(f64(4), f64(4), chosen_lengths=None, rejected_lengths=None)
+
+    def test_cpo_needs_chosen_lengths_for_its_nll_term(self):
+        with raises(ValueError, "cpo_loss", "chosen_lengths", "required", "cpo_alpha=0"):
+            prefopt.cpo_loss(f64(4), f64(4))
+        prefopt.cpo_loss(f64(4), f64(4), cpo_alpha=0.0)  # no term, no lengths needed
+
+    def test_lengths_both_or_neither_and_positive(self):
+        with raises(ValueError, "ipo_loss", "both chosen_lengths and rejected_lengths"):
+            prefopt.ipo_loss(f64(4), f64(4), chosen_lengths=f64(4, value=2.0))
+        with raises(ValueError, "ipo_loss", "rejected_lengths", "> 0", "1 value(s)"):
+            prefopt.ipo_loss(
+                f64(4),
+                f64(4),
+                chosen_lengths=f64(4, value=2.0),
+                rejected_lengths=np.array([1.0, 2.0, 0.0, 3.0]),
+            )
+        with raises(
+            ValueError, "simpo_loss", "chosen_lengths", "shape of chosen_logps", "(4,)", "(3,)"
+        ):
+            prefopt.simpo_loss(f64(4), f64(4), chosen_lengths=f64(3), rejected_lengths=f64(4))
+
+    @pytest.mark.parametrize(
+        "name,option,value,fragment",
+        [
+            ("robust", "label_smoothing", 0.5, "[0.0, 0.5)"),
+            ("exo_pair", "label_smoothing", 0.0, "(0.0, 0.5]"),
+            ("discopop", "tau", 1.5, "(0.0, 1.0]"),
+            ("bco_pair", "delta", float("nan"), "finite"),
+            ("sigmoid", "f_divergence", "kl", "'reverse_kl', 'forward_kl'"),
+            ("ipo", "f_alpha", 0.0, "> 0"),
+            ("simpo", "gamma", -1.0, ">= 0"),
+            ("cpo", "cpo_alpha", -1.0, ">= 0"),
+            ("kto", "kl", -0.5, ">= 0"),
+            ("kto", "desirable_weight", -1.0, ">= 0"),
+            ("infonca", "tau", 0.0, "> 0"),
+            ("nca", "beta", -1.0, "> 0"),
+            ("lipo", "beta", 0.0, "> 0"),
+        ],
+    )
+    def test_options_out_of_range(self, name, option, value, fragment):
+        fn = prefopt.get_loss(name)
+        kind = prefopt.available_losses()[name]
+        args = {
+            "group": (f64(2, 3), None, f64(2, 3)),
+            "unpaired": (f64(4), None, np.ones(4, dtype=bool)),
+        }.get(kind, (f64(4), f64(4)))
+        kw = {}
+        if kind == "reference-free":
+            kw = {"chosen_lengths": f64(4, value=2.0)}
+            if name != "cpo":
+                kw["rejected_lengths"] = f64(4, value=2.0)
+        with raises(ValueError, fn.__name__, option, fragment):
+            fn(*args, **kw, **{option: value})
+
+    def test_kto_inputs(self):
+        with raises(TypeError, "kto_loss", "desirable", "boolean", "float64"):
+            prefopt.kto_loss(f64(4), None, f64(4))
+        with raises(ValueError, "kto_loss", "kl", "0-d array", "(4,)"):
+            prefopt.kto_loss(f64(4), None, np.ones(4, dtype=bool), kl=f64(4))
+
+    def test_group_rewards_must_be_finite(self):
+        rewards = np.array([[1.0, np.nan, 0.0], [1.0, 2.0, 3.0]])
+        for name in ("infonca", "nca", "plackett_luce", "lipo"):
+            with raises(ValueError, f"{name}_loss", "rewards must be finite", "1 group(s)"):
+                prefopt.get_loss(name)(f64(2, 3), None, rewards)

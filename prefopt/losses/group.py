@@ -9,7 +9,7 @@ from typing import NamedTuple
 from array_api_compat import device
 
 from prefopt import _checks
-from prefopt._ops import Array, get_namespace, log_sigmoid, logsumexp
+from prefopt._ops import Array, get_namespace, log_sigmoid, logsumexp, stop_gradient
 
 WEIGHTINGS = ("abs", "signed", "squared", "none")
 
@@ -85,6 +85,33 @@ def scores(
     if lengths is not None:
         h = h / xp.where(valid, lengths, 1.0)
     return beta * h
+
+
+def group_scores(
+    fn: str,
+    xp: ModuleType,
+    logps: Array,
+    ref_logps: Array | None,
+    rewards: Array,
+    mask: Array | None,
+    lengths: Array | None,
+    beta: float,
+    check_values: bool | None,
+    chosen: Array | None = None,
+) -> tuple[Array, Array, Array]:
+    """Validate a group batch; return its scores ``s``, ``rewards`` and ``valid`` mask."""
+    beta = _checks.positive(fn, "beta", beta)
+    if lengths is not None and ref_logps is not None:
+        raise ValueError(
+            f"{fn}: lengths normalise the reference-free variant only; "
+            "pass ref_logps=None or leave lengths out"
+        )
+    logps, ref_logps, rewards, valid, lengths = group_inputs(
+        fn, xp, logps, ref_logps, rewards, mask, lengths, chosen
+    )
+    if lengths is not None and _checks.values_checked(lengths, xp, check_values):
+        _checks.positive_where(fn, "lengths", lengths, valid, xp)
+    return scores(logps, ref_logps, valid, lengths, beta, xp), rewards, valid
 
 
 class Split(NamedTuple):
@@ -267,20 +294,11 @@ def mpo_loss(
     """
     fn = "mpo_loss"
     xp = get_namespace(logps, ref_logps, rewards, mask, chosen, lengths, xp=xp)
-    beta = _checks.positive(fn, "beta", beta)
     alpha = _checks.non_negative(fn, "alpha", alpha)
     _checks.one_of(fn, "weighting", weighting, WEIGHTINGS)
-    if lengths is not None and ref_logps is not None:
-        raise ValueError(
-            f"{fn}: lengths normalise the reference-free variant only; "
-            "pass ref_logps=None or leave lengths out"
-        )
-    logps, ref_logps, rewards, valid, lengths = group_inputs(
-        fn, xp, logps, ref_logps, rewards, mask, lengths, chosen
+    s, rewards, valid = group_scores(
+        fn, xp, logps, ref_logps, rewards, mask, lengths, beta, check_values, chosen
     )
-    if lengths is not None and _checks.values_checked(lengths, xp, check_values):
-        _checks.positive_where(fn, "lengths", lengths, valid, xp)
-    s = scores(logps, ref_logps, valid, lengths, beta, xp)
     groups = split(fn, rewards, valid, chosen, xp, check_values)
     counted = groups.counted
     if weighting != "none":
@@ -305,3 +323,287 @@ def mpo_loss(
         # makes its group's loss NaN, visible, rather than a silently skipped group.
         loss = xp.where(xp.isfinite(groups.total[..., 0]), loss, math.nan)
     return loss
+
+
+def _group_rewards(
+    fn: str, rewards: Array, valid: Array, xp: ModuleType, check_values
+) -> tuple[Array, Array | None]:
+    """Rewards with padding set to 0, and a (B,) finite flag when they were not checked."""
+    r = xp.where(valid, rewards, 0.0)
+    total = xp.sum(r, axis=-1, keepdims=True)
+    if _rewards_checked(fn, rewards, total, xp, check_values):
+        return r, None
+    return r, xp.isfinite(total[..., 0])
+
+
+def _visible_nan(loss: Array, finite: Array | None, xp: ModuleType) -> Array:
+    """Unchecked rewards: a group with a non-finite reward gets loss NaN (see mpo_loss)."""
+    return loss if finite is None else xp.where(finite, loss, math.nan)
+
+
+def _log_softmax(x: Array, valid: Array, xp: ModuleType) -> Array:
+    """Log-softmax over the valid slots of each row; ``x`` must be finite on padding."""
+    lse = logsumexp(x, mask=valid, keepdims=True, xp=xp)
+    # a row without valid slots: subtract 0, not -inf (its entries are discarded anyway)
+    return x - xp.where(xp.any(valid, axis=-1, keepdims=True), lse, 0.0)
+
+
+def _target(r: Array, valid: Array, tau: float, dtype, xp: ModuleType) -> Array:
+    r"""$p = \operatorname{softmax}(r/\tau)$ over the valid slots, in ``dtype``."""
+    return xp.exp(_checks.cast(_log_softmax(r / tau, valid, xp), dtype, xp))
+
+
+def infonca_loss(
+    logps: Array,
+    ref_logps: Array | None,
+    rewards: Array,
+    *,
+    mask: Array | None = None,
+    lengths: Array | None = None,
+    beta: float = 0.1,
+    tau: float = 1.0,
+    check_values: bool | None = None,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""InfoNCA: cross-entropy from reward-softmax targets to implicit-reward softmax, per group.
+
+    With scores $s_i = \beta\,h(y_i)$ and targets $p = \operatorname{softmax}(r/\tau)$
+    over the valid responses of a prompt:
+
+    $$
+    \ell = -\sum_i p_i \log \operatorname{softmax}(s)_i
+    $$
+
+    With two responses and $\tau \to 0$ it is DPO. It uses the reward values, not only their
+    order; a group with one valid response has loss 0.
+
+    Args:
+        logps: (B, n) summed log-probabilities of each response under the policy.
+        ref_logps: (B, n) the same under the reference model, or ``None``.
+        rewards: (B, n) scalar rewards (floating or integer). Treated as data.
+        mask: (B, n) boolean, ``True`` on real responses; padding may hold anything.
+            Default ``None``: all real.
+        lengths: (B, n) token counts; only with ``ref_logps=None`` ($h = \log\pi/|y|$).
+        beta: $\beta > 0$. Default 0.1.
+        tau: $\tau > 0$, the temperature of the reward softmax. Default 1.0.
+        check_values: Check rewards (finite) and lengths (> 0), as in
+            [`mpo_loss`][prefopt.mpo_loss]. Default ``None``: on host arrays.
+        xp: The array namespace, if known.
+
+    Returns:
+        (B,) loss per group in the log-probs' floating dtype (float32 for half precision).
+
+    References:
+        Chen et al., "Noise Contrastive Alignment of Language Models with Explicit
+        Rewards", NeurIPS 2024, arXiv:2402.05369.
+    """
+    fn = "infonca_loss"
+    xp = get_namespace(logps, ref_logps, rewards, mask, lengths, xp=xp)
+    tau = _checks.positive(fn, "tau", tau)
+    s, rewards, valid = group_scores(
+        fn, xp, logps, ref_logps, rewards, mask, lengths, beta, check_values
+    )
+    r, finite = _group_rewards(fn, rewards, valid, xp, check_values)
+    terms = _target(r, valid, tau, s.dtype, xp) * _log_softmax(s, valid, xp)
+    loss = 0.0 - xp.sum(xp.where(valid, terms, 0.0), axis=-1)
+    return _visible_nan(loss, finite, xp)
+
+
+def nca_loss(
+    logps: Array,
+    ref_logps: Array | None,
+    rewards: Array,
+    *,
+    mask: Array | None = None,
+    lengths: Array | None = None,
+    beta: float = 0.1,
+    tau: float = 1.0,
+    check_values: bool | None = None,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""NCA: Noise Contrastive Alignment over a group, per group.
+
+    With scores $s_i = \beta\,h(y_i)$, targets $p = \operatorname{softmax}(r/\tau)$ and
+    $n$ valid responses:
+
+    $$
+    \ell = -\sum_i p_i \log\sigma(s_i) - \frac{1}{n}\sum_i \log\sigma(-s_i)
+    $$
+
+    Each response is scored on its own scale (not only relative to the others), which
+    keeps the likelihood of good responses from decreasing, unlike DPO and InfoNCA.
+
+    Args:
+        logps: (B, n) summed log-probabilities of each response under the policy.
+        ref_logps: (B, n) the same under the reference model, or ``None``.
+        rewards: (B, n) scalar rewards (floating or integer). Treated as data.
+        mask: (B, n) boolean, ``True`` on real responses; padding may hold anything.
+            Default ``None``: all real.
+        lengths: (B, n) token counts; only with ``ref_logps=None``.
+        beta: $\beta > 0$. Default 0.1.
+        tau: $\tau > 0$, the temperature of the reward softmax. Default 1.0.
+        check_values: Check rewards and lengths, as in [`mpo_loss`][prefopt.mpo_loss].
+            Default ``None``: on host arrays.
+        xp: The array namespace, if known.
+
+    Returns:
+        (B,) loss per group in the log-probs' floating dtype (float32 for half precision);
+        0 for a group without valid responses.
+
+    References:
+        Chen et al., "Noise Contrastive Alignment of Language Models with Explicit
+        Rewards", NeurIPS 2024, arXiv:2402.05369.
+    """
+    fn = "nca_loss"
+    xp = get_namespace(logps, ref_logps, rewards, mask, lengths, xp=xp)
+    tau = _checks.positive(fn, "tau", tau)
+    s, rewards, valid = group_scores(
+        fn, xp, logps, ref_logps, rewards, mask, lengths, beta, check_values
+    )
+    r, finite = _group_rewards(fn, rewards, valid, xp, check_values)
+    count = xp.sum(xp.astype(valid, s.dtype), axis=-1, keepdims=True)
+    terms = _target(r, valid, tau, s.dtype, xp) * log_sigmoid(s, xp=xp) + log_sigmoid(
+        -s, xp=xp
+    ) / xp.clip(count, min=1.0)
+    loss = 0.0 - xp.sum(xp.where(valid, terms, 0.0), axis=-1)
+    return _visible_nan(loss, finite, xp)
+
+
+def _ranked_before(x: Array, valid: Array, xp: ModuleType) -> Array:
+    """(B, n, n): slot j is ranked before slot i (x descending, ties by position)."""
+    xi, xj = xp.expand_dims(x, axis=-1), xp.expand_dims(x, axis=-2)
+    index = xp.arange(x.shape[-1], device=device(x))
+    earlier = xp.expand_dims(index, axis=0) < xp.expand_dims(index, axis=1)
+    return ((xj > xi) | ((xj == xi) & earlier)) & xp.expand_dims(valid, axis=-2)
+
+
+def plackett_luce_loss(
+    logps: Array,
+    ref_logps: Array | None,
+    rewards: Array,
+    *,
+    mask: Array | None = None,
+    lengths: Array | None = None,
+    beta: float = 0.1,
+    check_values: bool | None = None,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""Listwise DPO under the Plackett-Luce model, per group.
+
+    With the valid responses ordered by reward, best first (ties keep their order in the
+    group), and scores $s_{(k)} = \beta\,h(y_{(k)})$ in that order:
+
+    $$
+    \ell = -\sum_{k=1}^{n-1}\Big(s_{(k)} - \log\sum_{j \ge k} e^{s_{(j)}}\Big)
+    $$
+
+    the negative log-likelihood of the full ranking: the best response is picked first
+    among all, the second among the rest, and so on. It uses only the order of the rewards.
+    With $n = 2$ it is DPO. A group with fewer than two valid responses has loss 0.
+
+    Args:
+        logps: (B, n) summed log-probabilities of each response under the policy.
+        ref_logps: (B, n) the same under the reference model, or ``None``.
+        rewards: (B, n) scalar rewards (floating or integer) that define the order.
+        mask: (B, n) boolean, ``True`` on real responses; padding may hold anything.
+            Default ``None``: all real.
+        lengths: (B, n) token counts; only with ``ref_logps=None``.
+        beta: $\beta > 0$. Default 0.1.
+        check_values: Check rewards and lengths, as in [`mpo_loss`][prefopt.mpo_loss].
+            Default ``None``: on host arrays.
+        xp: The array namespace, if known.
+
+    Returns:
+        (B,) loss per group in the log-probs' floating dtype (float32 for half precision).
+
+    References:
+        Rafailov et al., "Direct Preference Optimization", NeurIPS 2023, arXiv:2305.18290,
+        appendix A.3 (the Plackett-Luce model).
+    """
+    fn = "plackett_luce_loss"
+    xp = get_namespace(logps, ref_logps, rewards, mask, lengths, xp=xp)
+    s, rewards, valid = group_scores(
+        fn, xp, logps, ref_logps, rewards, mask, lengths, beta, check_values
+    )
+    r, finite = _group_rewards(fn, rewards, valid, xp, check_values)
+    # The responses still to be placed when slot i is picked: i and all ranked after it.
+    # The last one's term is s - logsumexp({s}) = 0 exactly, so k runs over all slots.
+    remaining = ~_ranked_before(r, valid, xp) & xp.expand_dims(valid, axis=-2)
+    lse = logsumexp(xp.expand_dims(s, axis=-2), mask=remaining, xp=xp)
+    loss = 0.0 - xp.sum(xp.where(valid, s - lse, 0.0), axis=-1)
+    return _visible_nan(loss, finite, xp)
+
+
+def lipo_loss(
+    logps: Array,
+    ref_logps: Array | None,
+    rewards: Array,
+    *,
+    mask: Array | None = None,
+    lengths: Array | None = None,
+    beta: float = 0.1,
+    check_values: bool | None = None,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""LiPO-$\lambda$: listwise preference optimization with LambdaLoss weights, per group.
+
+    Over the pairs of valid responses with $r_i > r_j$, with scores $s = \beta\,h$:
+
+    $$
+    \ell = -\sum_{r_i > r_j} \Delta_{ij}\,\log\sigma(s_i - s_j), \qquad
+    \Delta_{ij} = |G_i - G_j|\,\Big|\frac{1}{D(\tau_i)} - \frac{1}{D(\tau_j)}\Big|
+    $$
+
+    with gains $G_i = (2^{r_i} - 1)/\mathrm{maxDCG}$, the ideal DCG
+    $\mathrm{maxDCG} = \sum_k (2^{r_{(k)}} - 1)/\log_2(1 + k)$ (rewards sorted descending),
+    discounts $D(\tau) = \log_2(1 + \tau)$ and $\tau_i$ the 1-based rank of $s_i$ among the
+    group's scores (ties by position). The weights are constants (no gradient). Rewards are
+    graded labels (the paper uses 0 to 10ish); $2^r$ overflows float32 above $r \approx 127$.
+    A group with no pair of distinct rewards has loss 0.
+
+    Args:
+        logps: (B, n) summed log-probabilities of each response under the policy.
+        ref_logps: (B, n) the same under the reference model, or ``None``.
+        rewards: (B, n) graded rewards (floating or integer). Treated as data.
+        mask: (B, n) boolean, ``True`` on real responses; padding may hold anything.
+            Default ``None``: all real.
+        lengths: (B, n) token counts; only with ``ref_logps=None``.
+        beta: $\beta > 0$. Default 0.1.
+        check_values: Check rewards and lengths, as in [`mpo_loss`][prefopt.mpo_loss].
+            Default ``None``: on host arrays.
+        xp: The array namespace, if known.
+
+    Returns:
+        (B,) loss per group in the log-probs' floating dtype (float32 for half precision).
+
+    References:
+        Liu et al., "LiPO: Listwise Preference Optimization through Learning-to-Rank",
+        arXiv:2402.01878.
+    """
+    fn = "lipo_loss"
+    xp = get_namespace(logps, ref_logps, rewards, mask, lengths, xp=xp)
+    s, rewards, valid = group_scores(
+        fn, xp, logps, ref_logps, rewards, mask, lengths, beta, check_values
+    )
+    r, finite = _group_rewards(fn, rewards, valid, xp, check_values)
+    gain = xp.expm1(r * math.log(2.0))  # 2^r - 1; 0 on padding
+    ideal_rank = 1.0 + xp.sum(xp.astype(_ranked_before(r, valid, xp), r.dtype), axis=-1)
+    max_dcg = xp.sum(xp.where(valid, gain / xp.log2(1.0 + ideal_rank), 0.0), axis=-1, keepdims=True)
+    gain = gain / xp.where(max_dcg == 0.0, 1.0, max_dcg)
+    rank = 1.0 + xp.sum(
+        xp.astype(_ranked_before(stop_gradient(s, xp=xp), valid, xp), s.dtype), axis=-1
+    )
+    discount = 1.0 / xp.log2(1.0 + rank)
+    delta = xp.abs(xp.expand_dims(gain, axis=-1) - xp.expand_dims(gain, axis=-2))
+    delta = _checks.cast(delta, s.dtype, xp) * xp.abs(
+        xp.expand_dims(discount, axis=-1) - xp.expand_dims(discount, axis=-2)
+    )
+    pairs = (
+        (xp.expand_dims(r, axis=-1) > xp.expand_dims(r, axis=-2))
+        & xp.expand_dims(valid, axis=-1)
+        & xp.expand_dims(valid, axis=-2)
+    )
+    margins = xp.expand_dims(s, axis=-1) - xp.expand_dims(s, axis=-2)
+    terms = stop_gradient(delta, xp=xp) * log_sigmoid(margins, xp=xp)
+    loss = 0.0 - xp.sum(xp.where(pairs, terms, 0.0), axis=(-2, -1))
+    return _visible_nan(loss, finite, xp)

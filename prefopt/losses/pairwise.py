@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 
 from prefopt import _checks
-from prefopt._ops import Array, get_namespace, log_sigmoid
+from prefopt._ops import Array, get_namespace, log_sigmoid, sigmoid
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
-def log_ratios(
+def pair_arrays(
     fn: str,
     chosen_logps: Array,
     rejected_logps: Array,
     ref_chosen_logps: Array | None,
     ref_rejected_logps: Array | None,
     xp: ModuleType,
-) -> tuple[Array, Array]:
-    """Validate a pairwise batch and return ``(h(chosen), h(rejected))`` in the compute dtype."""
-    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
-        raise ValueError(
-            f"{fn}: pass both ref_chosen_logps and ref_rejected_logps, or neither "
-            "(reference-free); got only one"
-        )
+) -> tuple[Array, Array, Array | None, Array | None]:
+    """Validate a pairwise batch; return its four arrays in the compute dtype."""
+    both_or_neither(
+        fn, "ref_chosen_logps", ref_chosen_logps, "ref_rejected_logps", ref_rejected_logps
+    )
     arrays = {
         "chosen_logps": chosen_logps,
         "rejected_logps": rejected_logps,
@@ -33,10 +34,84 @@ def log_ratios(
         if x is not None:
             _checks.floating(fn, name, x, xp)
     dtype = _checks.compute_dtype(xp, *arrays.values())
-    hw, hl, rw, rl = (_checks.cast(x, dtype, xp) for x in arrays.values())
+    cw, cl, rw, rl = (_checks.cast(x, dtype, xp) for x in arrays.values())
+    return cw, cl, rw, rl
+
+
+def both_or_neither(fn: str, name_a: str, a: Array | None, name_b: str, b: Array | None) -> None:
+    """Raise unless both optional arrays are given or neither is."""
+    if (a is None) != (b is None):
+        raise ValueError(f"{fn}: pass both {name_a} and {name_b}, or neither; got only one")
+
+
+def log_ratios(
+    fn: str,
+    chosen_logps: Array,
+    rejected_logps: Array,
+    ref_chosen_logps: Array | None,
+    ref_rejected_logps: Array | None,
+    xp: ModuleType,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+) -> tuple[Array, Array]:
+    """Validate a pairwise batch; return ``(h(chosen), h(rejected))``, f-transformed."""
+    _checks.one_of(fn, "f_divergence", f_divergence, F_DIVERGENCES)
+    f_alpha = _checks.positive(fn, "f_alpha", f_alpha)
+    hw, hl, rw, rl = pair_arrays(
+        fn, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp
+    )
     if rw is not None:
         hw, hl = hw - rw, hl - rl
+    if f_divergence != "reverse_kl":
+        hw, hl = (f_transform(h, f_divergence, f_alpha, xp) for h in (hw, hl))
     return hw, hl
+
+
+def f_transform(h: Array, f_divergence: str, f_alpha: float, xp: ModuleType) -> Array:
+    r"""The f-divergence transform of log-ratios $h$ (TRL's ``f_divergence_type``)."""
+    # Exponents are clipped so that e^x, and the difference of two of them, stay finite.
+    limit = math.log(float(xp.finfo(h.dtype).max)) - 4.0
+    if f_divergence == "forward_kl":
+        return 1.0 - xp.exp(xp.clip(-h, max=limit))
+    if f_divergence == "js_divergence":
+        return math.log(2.0) + log_sigmoid(h, xp=xp)
+    if f_divergence == "alpha_divergence" and f_alpha != 1.0:
+        return (xp.exp(xp.clip((f_alpha - 1.0) * h, max=limit)) - 1.0) / (f_alpha - 1.0)
+    return h  # reverse_kl, and the alpha-divergence's limit at alpha = 1
+
+
+def pair_lengths(
+    fn: str,
+    chosen_lengths: Array | None,
+    rejected_lengths: Array | None,
+    like: Array,
+    xp: ModuleType,
+    *,
+    required: bool,
+) -> tuple[Array | None, Array | None]:
+    """Validate token counts (B,) (> 0 where values can be read); cast to ``like.dtype``."""
+    both_or_neither(fn, "chosen_lengths", chosen_lengths, "rejected_lengths", rejected_lengths)
+    if chosen_lengths is None:
+        if required:
+            raise ValueError(
+                f"{fn}: chosen_lengths and rejected_lengths (token counts, shape (B,)) are "
+                "required; got None"
+            )
+        return None, None
+    return (
+        lengths_of(fn, "chosen_lengths", chosen_lengths, like, xp),
+        lengths_of(fn, "rejected_lengths", rejected_lengths, like, xp),
+    )
+
+
+def lengths_of(fn: str, name: str, lengths: Array, like: Array, xp: ModuleType) -> Array:
+    """One (B,) array of token counts, checked and cast to ``like.dtype``."""
+    _checks.same_shape(fn, "B", {"chosen_logps": like, name: lengths})
+    _checks.numeric(fn, name, lengths, xp)
+    lengths = _checks.cast(lengths, like.dtype, xp)
+    if _checks.values_checked(lengths, xp, None):
+        _checks.positive_where(fn, name, lengths, xp.ones_like(lengths, dtype=xp.bool), xp)
+    return lengths
 
 
 def smoothed_sigmoid_loss(z: Array, label_smoothing: float, xp: ModuleType) -> Array:
@@ -47,6 +122,33 @@ def smoothed_sigmoid_loss(z: Array, label_smoothing: float, xp: ModuleType) -> A
     return loss
 
 
+def _prepare(
+    fn,
+    chosen_logps,
+    rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    xp,
+    beta,
+    f_divergence="reverse_kl",
+    f_alpha=0.5,
+):
+    """Namespace, checked beta and the (transformed) log-ratios of a pairwise loss."""
+    xp = get_namespace(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp=xp)
+    beta = _checks.positive(fn, "beta", beta)
+    hw, hl = log_ratios(
+        fn,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        xp,
+        f_divergence,
+        f_alpha,
+    )
+    return xp, beta, hw, hl
+
+
 def dpo_loss(
     chosen_logps: Array,
     rejected_logps: Array,
@@ -55,6 +157,8 @@ def dpo_loss(
     *,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
     xp: ModuleType | None = None,
 ) -> Array:
     r"""Direct Preference Optimization loss, per pair (TRL ``loss_type="sigmoid"``).
@@ -81,6 +185,11 @@ def dpo_loss(
         ref_rejected_logps: (B,) the rejected responses under the reference, or ``None``.
         beta: $\beta > 0$, the strength of the implicit KL regularisation. Default 0.1.
         label_smoothing: $\varepsilon \in [0, 0.5]$. Default 0.
+        f_divergence: Transform of the log-ratios before the loss: ``"reverse_kl"``
+            (default, none), ``"forward_kl"``, ``"js_divergence"`` or ``"alpha_divergence"``
+            (see the pairwise losses page). The same option exists on every loss of the DPO
+            family.
+        f_alpha: $\alpha > 0$ of ``"alpha_divergence"``. Default 0.5.
         xp: The array namespace, if known (skips the lookup, about 1 µs).
 
     Returns:
@@ -104,8 +213,806 @@ def dpo_loss(
         array([0.31326169])
     """
     fn = "dpo_loss"
+    label_smoothing = _checks.in_range(fn, "label_smoothing", label_smoothing, 0.0, 0.5)
+    xp, beta, hw, hl = _prepare(
+        fn,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        xp,
+        beta,
+        f_divergence,
+        f_alpha,
+    )
+    return smoothed_sigmoid_loss(beta * (hw - hl), label_smoothing, xp)
+
+
+def robust_dpo_loss(
+    chosen_logps: Array,
+    rejected_logps: Array,
+    ref_chosen_logps: Array | None = None,
+    ref_rejected_logps: Array | None = None,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""Robust DPO (rDPO), per pair (TRL ``loss_type="robust"``).
+
+    With log-ratios $h_w = \log\pi(y_w) - \log\pi_{ref}(y_w)$, $h_l$ likewise, and
+    $z = \beta (h_w - h_l)$:
+
+    $$
+    \ell = \frac{-(1-\varepsilon)\log\sigma(z) + \varepsilon\log\sigma(-z)}{1 - 2\varepsilon}
+    $$
+
+    Unlike cDPO's label smoothing ([`dpo_loss`][prefopt.dpo_loss]) this is an unbiased
+    estimate of the clean-label loss; it can be negative.
+
+    Args:
+        chosen_logps: (B,) summed log-probabilities of the chosen responses under the policy.
+        rejected_logps: (B,) the same for the rejected responses.
+        ref_chosen_logps: (B,) the chosen responses under the reference model, or ``None``
+            (with ``ref_rejected_logps``): reference-free, $h = \log\pi$.
+        ref_rejected_logps: (B,) the rejected responses under the reference, or ``None``.
+        beta: $\beta > 0$. Default 0.1.
+        label_smoothing: $\varepsilon \in [0, 0.5)$, the assumed share of flipped labels.
+            Default 0 (plain DPO).
+        f_divergence: Transform of the log-ratios: ``"reverse_kl"`` (default, none),
+            ``"forward_kl"``, ``"js_divergence"``, ``"alpha_divergence"``.
+        f_alpha: $\alpha > 0$ of ``"alpha_divergence"``. Default 0.5.
+        xp: The array namespace, if known.
+
+    Returns:
+        (B,) loss per pair in the inputs' floating dtype (float32 for half precision).
+
+    References:
+        Chowdhury et al., "Provably Robust DPO: Aligning Language Models with Noisy
+        Feedback", ICML 2024, arXiv:2403.00409.
+    """
+    fn = "robust_dpo_loss"
+    xp, beta, hw, hl = _prepare(
+        fn,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        xp,
+        beta,
+        f_divergence,
+        f_alpha,
+    )
+    eps = _checks.in_range(fn, "label_smoothing", label_smoothing, 0.0, 0.5, open_high=True)
+    z = beta * (hw - hl)
+    loss = (1.0 - eps) * (0.0 - log_sigmoid(z, xp=xp)) + eps * log_sigmoid(-z, xp=xp)
+    return loss / (1.0 - 2.0 * eps)
+
+
+def ipo_loss(
+    chosen_logps: Array,
+    rejected_logps: Array,
+    ref_chosen_logps: Array | None = None,
+    ref_rejected_logps: Array | None = None,
+    *,
+    chosen_lengths: Array | None = None,
+    rejected_lengths: Array | None = None,
+    beta: float = 0.1,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""Identity Preference Optimization, per pair (TRL ``loss_type="ipo"``).
+
+    With log-ratios $h_w = \log\pi(y_w) - \log\pi_{ref}(y_w)$, $h_l$ likewise, and
+    $z = \beta (h_w - h_l)$:
+
+    $$
+    \ell = \Big(\Delta' - \frac{1}{2\beta}\Big)^2, \qquad
+    \Delta' = \frac{h_w}{|y_w|} - \frac{h_l}{|y_l|}\ \text{with lengths, else}\ h_w - h_l
+    $$
+
+    With ``chosen_lengths``/``rejected_lengths`` the log-ratios are averaged per token, as
+    TRL does (a convention confirmed with the IPO authors); without them they are summed,
+    as in the paper. The two differ by orders of magnitude in scale: pick $\beta$ for the
+    one you use.
+
+    Args:
+        chosen_logps: (B,) summed log-probabilities of the chosen responses under the policy.
+        rejected_logps: (B,) the same for the rejected responses.
+        ref_chosen_logps: (B,) the chosen responses under the reference model, or ``None``
+            (with ``ref_rejected_logps``): reference-free, $h = \log\pi$.
+        ref_rejected_logps: (B,) the rejected responses under the reference, or ``None``.
+        chosen_lengths: (B,) token counts of the chosen responses (> 0); optional.
+        rejected_lengths: (B,) token counts of the rejected responses; optional.
+        beta: $\beta > 0$. Default 0.1.
+        f_divergence: Transform of the log-ratios: ``"reverse_kl"`` (default, none),
+            ``"forward_kl"``, ``"js_divergence"``, ``"alpha_divergence"``.
+        f_alpha: $\alpha > 0$ of ``"alpha_divergence"``. Default 0.5.
+        xp: The array namespace, if known.
+
+    Returns:
+        (B,) loss per pair in the inputs' floating dtype (float32 for half precision).
+
+    References:
+        Azar et al., "A General Theoretical Paradigm to Understand Learning from Human
+        Preferences", AISTATS 2024, arXiv:2310.12036.
+    """
+    fn = "ipo_loss"
+    xp, beta, hw, hl = _prepare(
+        fn,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        xp,
+        beta,
+        f_divergence,
+        f_alpha,
+    )
+    lw, ll = pair_lengths(fn, chosen_lengths, rejected_lengths, hw, xp, required=False)
+    if lw is not None:
+        hw, hl = hw / lw, hl / ll
+    gap = hw - hl - 0.5 / beta
+    return gap * gap
+
+
+def hinge_loss(
+    chosen_logps: Array,
+    rejected_logps: Array,
+    ref_chosen_logps: Array | None = None,
+    ref_rejected_logps: Array | None = None,
+    *,
+    beta: float = 0.1,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""SLiC hinge loss, per pair (TRL ``loss_type="hinge"``).
+
+    With log-ratios $h_w = \log\pi(y_w) - \log\pi_{ref}(y_w)$, $h_l$ likewise, and
+    $z = \beta (h_w - h_l)$:
+
+    $$
+    \ell = \max(0,\ 1 - z)
+    $$
+
+    Args:
+        chosen_logps: (B,) summed log-probabilities of the chosen responses under the policy.
+        rejected_logps: (B,) the same for the rejected responses.
+        ref_chosen_logps: (B,) the chosen responses under the reference model, or ``None``
+            (with ``ref_rejected_logps``): reference-free, $h = \log\pi$.
+        ref_rejected_logps: (B,) the rejected responses under the reference, or ``None``.
+        beta: $\beta > 0$. Default 0.1.
+        f_divergence: Transform of the log-ratios: ``"reverse_kl"`` (default, none),
+            ``"forward_kl"``, ``"js_divergence"``, ``"alpha_divergence"``.
+        f_alpha: $\alpha > 0$ of ``"alpha_divergence"``. Default 0.5.
+        xp: The array namespace, if known.
+
+    Returns:
+        (B,) loss per pair in the inputs' floating dtype (float32 for half precision).
+
+    References:
+        Zhao et al., "SLiC-HF: Sequence Likelihood Calibration with Human Feedback",
+        arXiv:2305.10425.
+    """
+    fn = "hinge_loss"
+    xp, beta, hw, hl = _prepare(
+        fn,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        xp,
+        beta,
+        f_divergence,
+        f_alpha,
+    )
+    z = beta * (hw - hl)
+    return xp.where(z < 1.0, 1.0 - z, 0.0)  # gradient 0 at z = 1 on every backend
+
+
+def exo_pair_loss(
+    chosen_logps: Array,
+    rejected_logps: Array,
+    ref_chosen_logps: Array | None = None,
+    ref_rejected_logps: Array | None = None,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 1e-3,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""EXO, efficient exact optimization, per pair (TRL ``loss_type="exo_pair"``).
+
+    With log-ratios $h_w = \log\pi(y_w) - \log\pi_{ref}(y_w)$, $h_l$ likewise, and
+    $z = \beta (h_w - h_l)$:
+
+    $$
+    \ell = \sigma(z)\big(\log\sigma(z) - \log(1-\varepsilon)\big)
+         + \sigma(-z)\big(\log\sigma(-z) - \log\varepsilon\big)
+    $$
+
+    Args:
+        chosen_logps: (B,) summed log-probabilities of the chosen responses under the policy.
+        rejected_logps: (B,) the same for the rejected responses.
+        ref_chosen_logps: (B,) the chosen responses under the reference model, or ``None``
+            (with ``ref_rejected_logps``): reference-free, $h = \log\pi$.
+        ref_rejected_logps: (B,) the rejected responses under the reference, or ``None``.
+        beta: $\beta > 0$. Default 0.1.
+        label_smoothing: $\varepsilon \in (0, 0.5]$, the target probability of the
+            rejected response. Default 1e-3.
+        f_divergence: Transform of the log-ratios: ``"reverse_kl"`` (default, none),
+            ``"forward_kl"``, ``"js_divergence"``, ``"alpha_divergence"``.
+        f_alpha: $\alpha > 0$ of ``"alpha_divergence"``. Default 0.5.
+        xp: The array namespace, if known.
+
+    Returns:
+        (B,) loss per pair in the inputs' floating dtype (float32 for half precision).
+
+    References:
+        Ji et al., "Towards Efficient Exact Optimization of Language Model Alignment",
+        ICML 2024, arXiv:2402.00856.
+    """
+    fn = "exo_pair_loss"
+    xp, beta, hw, hl = _prepare(
+        fn,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        xp,
+        beta,
+        f_divergence,
+        f_alpha,
+    )
+    eps = _checks.in_range(fn, "label_smoothing", label_smoothing, 0.0, 0.5, open_low=True)
+    z = beta * (hw - hl)
+    pos, neg = log_sigmoid(z, xp=xp), log_sigmoid(-z, xp=xp)
+    # the KL divergence from (1 - eps, eps) to (sigma(z), sigma(-z)): >= 0
+    return xp.exp(pos) * (pos - math.log1p(-eps)) + xp.exp(neg) * (neg - math.log(eps))
+
+
+def nca_pair_loss(
+    chosen_logps: Array,
+    rejected_logps: Array,
+    ref_chosen_logps: Array | None = None,
+    ref_rejected_logps: Array | None = None,
+    *,
+    beta: float = 0.1,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""Noise Contrastive Alignment on pairs, per pair (TRL ``loss_type="nca_pair"``).
+
+    With log-ratios $h_w = \log\pi(y_w) - \log\pi_{ref}(y_w)$, $h_l$ likewise, and
+    $z = \beta (h_w - h_l)$:
+
+    $$
+    \ell = -\log\sigma(\beta h_w) - \tfrac12\log\sigma(-\beta h_w) - \tfrac12\log\sigma(-\beta h_l)
+    $$
+
+    Unlike DPO it acts on each log-ratio alone, not only on their difference, so it keeps
+    the likelihood of the chosen response from falling. The group version is
+    [`nca_loss`][prefopt.nca_loss].
+
+    Args:
+        chosen_logps: (B,) summed log-probabilities of the chosen responses under the policy.
+        rejected_logps: (B,) the same for the rejected responses.
+        ref_chosen_logps: (B,) the chosen responses under the reference model, or ``None``
+            (with ``ref_rejected_logps``): reference-free, $h = \log\pi$.
+        ref_rejected_logps: (B,) the rejected responses under the reference, or ``None``.
+        beta: $\beta > 0$. Default 0.1.
+        f_divergence: Transform of the log-ratios: ``"reverse_kl"`` (default, none),
+            ``"forward_kl"``, ``"js_divergence"``, ``"alpha_divergence"``.
+        f_alpha: $\alpha > 0$ of ``"alpha_divergence"``. Default 0.5.
+        xp: The array namespace, if known.
+
+    Returns:
+        (B,) loss per pair in the inputs' floating dtype (float32 for half precision).
+
+    References:
+        Chen et al., "Noise Contrastive Alignment of Language Models with Explicit
+        Rewards", NeurIPS 2024, arXiv:2402.05369.
+    """
+    fn = "nca_pair_loss"
+    xp, beta, hw, hl = _prepare(
+        fn,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        xp,
+        beta,
+        f_divergence,
+        f_alpha,
+    )
+    sw, sl = beta * hw, beta * hl
+    return (
+        0.0 - log_sigmoid(sw, xp=xp) - 0.5 * log_sigmoid(-sw, xp=xp) - 0.5 * log_sigmoid(-sl, xp=xp)
+    )
+
+
+def bco_pair_loss(
+    chosen_logps: Array,
+    rejected_logps: Array,
+    ref_chosen_logps: Array | None = None,
+    ref_rejected_logps: Array | None = None,
+    *,
+    beta: float = 0.1,
+    delta: float | Array = 0.0,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""Binary Classifier Optimization on pairs, per pair (TRL ``loss_type="bco_pair"``).
+
+    With log-ratios $h_w = \log\pi(y_w) - \log\pi_{ref}(y_w)$, $h_l$ likewise, and
+    $z = \beta (h_w - h_l)$:
+
+    $$
+    \ell = -\log\sigma(\beta h_w - \delta) - \log\sigma\big(-(\beta h_l - \delta)\big)
+    $$
+
+    Each response is classified on its own (chosen: positive, rejected: negative) around
+    the shift $\delta$. With the default $\delta = 0$ this differs from TRL, whose trainer
+    subtracts a running mean of the implicit rewards: pass that mean to match it.
+
+    Args:
+        chosen_logps: (B,) summed log-probabilities of the chosen responses under the policy.
+        rejected_logps: (B,) the same for the rejected responses.
+        ref_chosen_logps: (B,) the chosen responses under the reference model, or ``None``
+            (with ``ref_rejected_logps``): reference-free, $h = \log\pi$.
+        ref_rejected_logps: (B,) the rejected responses under the reference, or ``None``.
+        beta: $\beta > 0$. Default 0.1.
+        delta: $\delta$, the reward shift: a number or a 0-d array, e.g. a running mean
+            of the implicit rewards $\beta h$ that the caller keeps (and detaches). TRL keeps
+            one inside its trainer; prefopt's losses are pure, so it is an input. Default 0.
+        f_divergence: Transform of the log-ratios: ``"reverse_kl"`` (default, none),
+            ``"forward_kl"``, ``"js_divergence"``, ``"alpha_divergence"``.
+        f_alpha: $\alpha > 0$ of ``"alpha_divergence"``. Default 0.5.
+        xp: The array namespace, if known.
+
+    Returns:
+        (B,) loss per pair in the inputs' floating dtype (float32 for half precision).
+
+    References:
+        Jung et al., "Binary Classifier Optimization for Large Language Model Alignment",
+        arXiv:2404.04656.
+    """
+    fn = "bco_pair_loss"
+    xp, beta, hw, hl = _prepare(
+        fn,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        xp,
+        beta,
+        f_divergence,
+        f_alpha,
+    )
+    if isinstance(delta, (int, float)):
+        delta = _checks.finite(fn, "delta", delta)
+    return 0.0 - log_sigmoid(beta * hw - delta, xp=xp) - log_sigmoid(delta - beta * hl, xp=xp)
+
+
+def sppo_hard_loss(
+    chosen_logps: Array,
+    rejected_logps: Array,
+    ref_chosen_logps: Array | None = None,
+    ref_rejected_logps: Array | None = None,
+    *,
+    beta: float = 0.1,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""SPPO with hard labels, per pair (TRL ``loss_type="sppo_hard"``).
+
+    With log-ratios $h_w = \log\pi(y_w) - \log\pi_{ref}(y_w)$, $h_l$ likewise, and
+    $z = \beta (h_w - h_l)$:
+
+    $$
+    \ell = \Big(h_w - \frac{1}{2\beta}\Big)^2 + \Big(h_l + \frac{1}{2\beta}\Big)^2
+    $$
+
+    The winner's log-ratio is pulled to $+1/(2\beta)$ and the loser's to $-1/(2\beta)$,
+    the hard-label approximation of the paper's win probabilities (1 and 0).
+
+    Args:
+        chosen_logps: (B,) summed log-probabilities of the chosen responses under the policy.
+        rejected_logps: (B,) the same for the rejected responses.
+        ref_chosen_logps: (B,) the chosen responses under the reference model, or ``None``
+            (with ``ref_rejected_logps``): reference-free, $h = \log\pi$.
+        ref_rejected_logps: (B,) the rejected responses under the reference, or ``None``.
+        beta: $\beta > 0$. Default 0.1.
+        f_divergence: Transform of the log-ratios: ``"reverse_kl"`` (default, none),
+            ``"forward_kl"``, ``"js_divergence"``, ``"alpha_divergence"``.
+        f_alpha: $\alpha > 0$ of ``"alpha_divergence"``. Default 0.5.
+        xp: The array namespace, if known.
+
+    Returns:
+        (B,) loss per pair in the inputs' floating dtype (float32 for half precision).
+
+    References:
+        Wu et al., "Self-Play Preference Optimization for Language Model Alignment",
+        arXiv:2405.00675.
+    """
+    fn = "sppo_hard_loss"
+    xp, beta, hw, hl = _prepare(
+        fn,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        xp,
+        beta,
+        f_divergence,
+        f_alpha,
+    )
+    target = 0.5 / beta
+    return (hw - target) * (hw - target) + (hl + target) * (hl + target)
+
+
+def apo_zero_loss(
+    chosen_logps: Array,
+    rejected_logps: Array,
+    ref_chosen_logps: Array | None = None,
+    ref_rejected_logps: Array | None = None,
+    *,
+    beta: float = 0.1,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""Anchored Preference Optimization, "zero" variant, per pair (TRL ``loss_type="apo_zero"``).
+
+    With log-ratios $h_w = \log\pi(y_w) - \log\pi_{ref}(y_w)$, $h_l$ likewise, and
+    $z = \beta (h_w - h_l)$:
+
+    $$
+    \ell = \big(1 - \sigma(\beta h_w)\big) + \sigma(\beta h_l)
+    $$
+
+    Raises the chosen likelihood and lowers the rejected one: for chosen responses better
+    than the model's own outputs.
+
+    Args:
+        chosen_logps: (B,) summed log-probabilities of the chosen responses under the policy.
+        rejected_logps: (B,) the same for the rejected responses.
+        ref_chosen_logps: (B,) the chosen responses under the reference model, or ``None``
+            (with ``ref_rejected_logps``): reference-free, $h = \log\pi$.
+        ref_rejected_logps: (B,) the rejected responses under the reference, or ``None``.
+        beta: $\beta > 0$. Default 0.1.
+        f_divergence: Transform of the log-ratios: ``"reverse_kl"`` (default, none),
+            ``"forward_kl"``, ``"js_divergence"``, ``"alpha_divergence"``.
+        f_alpha: $\alpha > 0$ of ``"alpha_divergence"``. Default 0.5.
+        xp: The array namespace, if known.
+
+    Returns:
+        (B,) loss per pair in the inputs' floating dtype (float32 for half precision).
+
+    References:
+        D'Oosterlinck et al., "Anchored Preference Optimization and Contrastive
+        Revisions: Addressing Underspecification in Alignment", arXiv:2408.06266.
+    """
+    fn = "apo_zero_loss"
+    xp, beta, hw, hl = _prepare(
+        fn,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        xp,
+        beta,
+        f_divergence,
+        f_alpha,
+    )
+    return sigmoid(-beta * hw, xp=xp) + sigmoid(beta * hl, xp=xp)  # 1 - sigma(x) = sigma(-x)
+
+
+def apo_down_loss(
+    chosen_logps: Array,
+    rejected_logps: Array,
+    ref_chosen_logps: Array | None = None,
+    ref_rejected_logps: Array | None = None,
+    *,
+    beta: float = 0.1,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""Anchored Preference Optimization, "down" variant, per pair (TRL ``loss_type="apo_down"``).
+
+    With log-ratios $h_w = \log\pi(y_w) - \log\pi_{ref}(y_w)$, $h_l$ likewise, and
+    $z = \beta (h_w - h_l)$:
+
+    $$
+    \ell = \sigma(\beta h_w) + \big(1 - \sigma(z)\big)
+    $$
+
+    Lowers both likelihoods, the rejected one more: for chosen responses worse than the
+    model's own outputs.
+
+    Args:
+        chosen_logps: (B,) summed log-probabilities of the chosen responses under the policy.
+        rejected_logps: (B,) the same for the rejected responses.
+        ref_chosen_logps: (B,) the chosen responses under the reference model, or ``None``
+            (with ``ref_rejected_logps``): reference-free, $h = \log\pi$.
+        ref_rejected_logps: (B,) the rejected responses under the reference, or ``None``.
+        beta: $\beta > 0$. Default 0.1.
+        f_divergence: Transform of the log-ratios: ``"reverse_kl"`` (default, none),
+            ``"forward_kl"``, ``"js_divergence"``, ``"alpha_divergence"``.
+        f_alpha: $\alpha > 0$ of ``"alpha_divergence"``. Default 0.5.
+        xp: The array namespace, if known.
+
+    Returns:
+        (B,) loss per pair in the inputs' floating dtype (float32 for half precision).
+
+    References:
+        D'Oosterlinck et al., "Anchored Preference Optimization and Contrastive
+        Revisions: Addressing Underspecification in Alignment", arXiv:2408.06266.
+    """
+    fn = "apo_down_loss"
+    xp, beta, hw, hl = _prepare(
+        fn,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        xp,
+        beta,
+        f_divergence,
+        f_alpha,
+    )
+    return sigmoid(beta * hw, xp=xp) + sigmoid(-beta * (hw - hl), xp=xp)
+
+
+def discopop_loss(
+    chosen_logps: Array,
+    rejected_logps: Array,
+    ref_chosen_logps: Array | None = None,
+    ref_rejected_logps: Array | None = None,
+    *,
+    beta: float = 0.1,
+    tau: float = 0.05,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""DiscoPOP, the log-ratio modulated loss, per pair (TRL ``loss_type="discopop"``).
+
+    With log-ratios $h_w = \log\pi(y_w) - \log\pi_{ref}(y_w)$, $h_l$ likewise, and
+    $z = \beta (h_w - h_l)$:
+
+    $$
+    \ell = (1 - m)\,\big(-\log\sigma(z)\big) + m\,e^{-z}, \qquad m = \sigma(z/\tau)
+    $$
+
+    A blend of the logistic (DPO) and exponential losses found by an LLM-driven search.
+    $\tau$ is limited to $(0, 1]$: above 1 the loss itself grows like $e^{-z}$ for very
+    negative margins and overflows.
+
+    Args:
+        chosen_logps: (B,) summed log-probabilities of the chosen responses under the policy.
+        rejected_logps: (B,) the same for the rejected responses.
+        ref_chosen_logps: (B,) the chosen responses under the reference model, or ``None``
+            (with ``ref_rejected_logps``): reference-free, $h = \log\pi$.
+        ref_rejected_logps: (B,) the rejected responses under the reference, or ``None``.
+        beta: $\beta > 0$. Default 0.1.
+        tau: $\tau \in (0, 1]$, the temperature of the modulation. Default 0.05.
+        f_divergence: Transform of the log-ratios: ``"reverse_kl"`` (default, none),
+            ``"forward_kl"``, ``"js_divergence"``, ``"alpha_divergence"``.
+        f_alpha: $\alpha > 0$ of ``"alpha_divergence"``. Default 0.5.
+        xp: The array namespace, if known.
+
+    Returns:
+        (B,) loss per pair in the inputs' floating dtype (float32 for half precision).
+
+    References:
+        Lu et al., "Discovering Preference Optimization Algorithms with and for Large
+        Language Models", NeurIPS 2024, arXiv:2406.08414.
+    """
+    fn = "discopop_loss"
+    xp, beta, hw, hl = _prepare(
+        fn,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        xp,
+        beta,
+        f_divergence,
+        f_alpha,
+    )
+    tau = _checks.in_range(fn, "tau", tau, 0.0, 1.0, open_low=True)
+    z = beta * (hw - hl)
+    # m * e^-z as one exponent: bounded above for tau <= 1, where e^-z alone overflows
+    exp_part = xp.exp(log_sigmoid(z / tau, xp=xp) - z)
+    return sigmoid(-z / tau, xp=xp) * (0.0 - log_sigmoid(z, xp=xp)) + exp_part
+
+
+def aot_unpaired_loss(
+    chosen_logps: Array,
+    rejected_logps: Array,
+    ref_chosen_logps: Array | None = None,
+    ref_rejected_logps: Array | None = None,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""Alignment via Optimal Transport, unpaired, per pair (TRL ``loss_type="aot_unpaired"``).
+
+    With log-ratios $h_w = \log\pi(y_w) - \log\pi_{ref}(y_w)$, $h_l$ likewise, and
+    $z = \beta (h_w - h_l)$:
+
+    $$
+    \ell_i = -(1-\varepsilon)\log\sigma(z_i) - \varepsilon\log\sigma(-z_i), \qquad
+    z = \beta\big(\operatorname{sort}(h_w) - \operatorname{sort}(h_l)\big)
+    $$
+
+    The chosen and rejected log-ratios are sorted separately across the batch and matched
+    by rank (the one-dimensional optimal transport plan), so the pairs need not be pairs:
+    the loss asks the *distribution* of chosen log-ratios to dominate the rejected one.
+    Entry $i$ of the output belongs to the $i$-th smallest of each, not to input pair $i$.
+    It couples the whole batch: never compute it in chunks or per device.
+
+    Args:
+        chosen_logps: (B,) summed log-probabilities of the chosen responses under the policy.
+        rejected_logps: (B,) the same for the rejected responses.
+        ref_chosen_logps: (B,) the chosen responses under the reference model, or ``None``
+            (with ``ref_rejected_logps``): reference-free, $h = \log\pi$.
+        ref_rejected_logps: (B,) the rejected responses under the reference, or ``None``.
+        beta: $\beta > 0$. Default 0.1.
+        label_smoothing: $\varepsilon \in [0, 0.5]$. Default 0.
+        f_divergence: Transform of the log-ratios: ``"reverse_kl"`` (default, none),
+            ``"forward_kl"``, ``"js_divergence"``, ``"alpha_divergence"``.
+        f_alpha: $\alpha > 0$ of ``"alpha_divergence"``. Default 0.5.
+        xp: The array namespace, if known.
+
+    Returns:
+        (B,) loss per pair in the inputs' floating dtype (float32 for half precision).
+
+    References:
+        Melnyk et al., "Distributional Preference Alignment of LLMs via Optimal
+        Transport", NeurIPS 2024, arXiv:2406.05882.
+    """
+    fn = "aot_unpaired_loss"
+    xp, beta, hw, hl = _prepare(
+        fn,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        xp,
+        beta,
+        f_divergence,
+        f_alpha,
+    )
+    eps = _checks.in_range(fn, "label_smoothing", label_smoothing, 0.0, 0.5)
+    return smoothed_sigmoid_loss(beta * (xp.sort(hw) - xp.sort(hl)), eps, xp)
+
+
+def sigmoid_norm_loss(
+    chosen_logps: Array,
+    rejected_logps: Array,
+    ref_chosen_logps: Array | None = None,
+    ref_rejected_logps: Array | None = None,
+    *,
+    chosen_lengths: Array | None = None,
+    rejected_lengths: Array | None = None,
+    beta: float = 0.1,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""Length-normalised DPO, per pair (TRL ``loss_type="sigmoid_norm"``).
+
+    With log-ratios $h_w = \log\pi(y_w) - \log\pi_{ref}(y_w)$, $h_l$ likewise, and
+    $z = \beta (h_w - h_l)$:
+
+    $$
+    \ell = -\log\sigma\Big(\beta\Big(\frac{h_w}{|y_w|} - \frac{h_l}{|y_l|}\Big)\Big)
+    $$
+
+    DPO on per-token log-ratios: removes DPO's pull towards longer chosen responses.
+    The lengths are required.
+
+    Args:
+        chosen_logps: (B,) summed log-probabilities of the chosen responses under the policy.
+        rejected_logps: (B,) the same for the rejected responses.
+        ref_chosen_logps: (B,) the chosen responses under the reference model, or ``None``
+            (with ``ref_rejected_logps``): reference-free, $h = \log\pi$.
+        ref_rejected_logps: (B,) the rejected responses under the reference, or ``None``.
+        chosen_lengths: (B,) token counts of the chosen responses (> 0).
+        rejected_lengths: (B,) token counts of the rejected responses.
+        beta: $\beta > 0$. Default 0.1.
+        f_divergence: Transform of the log-ratios: ``"reverse_kl"`` (default, none),
+            ``"forward_kl"``, ``"js_divergence"``, ``"alpha_divergence"``.
+        f_alpha: $\alpha > 0$ of ``"alpha_divergence"``. Default 0.5.
+        xp: The array namespace, if known.
+
+    Returns:
+        (B,) loss per pair in the inputs' floating dtype (float32 for half precision).
+
+    References:
+        Lambert et al., "Tülu 3: Pushing Frontiers in Open Language Model Post-Training",
+        arXiv:2411.15124 (length-normalised DPO); DPO: arXiv:2305.18290.
+    """
+    fn = "sigmoid_norm_loss"
+    xp, beta, hw, hl = _prepare(
+        fn,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        xp,
+        beta,
+        f_divergence,
+        f_alpha,
+    )
+    lw, ll = pair_lengths(fn, chosen_lengths, rejected_lengths, hw, xp, required=True)
+    return 0.0 - log_sigmoid(beta * (hw / lw - hl / ll), xp=xp)
+
+
+def aot_loss(
+    chosen_logps: Array,
+    rejected_logps: Array,
+    ref_chosen_logps: Array | None = None,
+    ref_rejected_logps: Array | None = None,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    xp: ModuleType | None = None,
+) -> Array:
+    r"""Alignment via Optimal Transport, paired, per pair (TRL ``loss_type="aot"``).
+
+    With the policy's log-probability gaps $g = \log\pi(y_w) - \log\pi(y_l)$ and the
+    reference's $g^{ref}$, each sorted across the batch:
+
+    $$
+    \ell_i = -(1-\varepsilon)\log\sigma(z_i) - \varepsilon\log\sigma(-z_i), \qquad
+    z = \beta\big(\operatorname{sort}(g) - \operatorname{sort}(g^{ref})\big)
+    $$
+
+    The policy's distribution of gaps is asked to dominate the reference's (first-order
+    stochastic dominance, matched by rank). Entry $i$ of the output belongs to the $i$-th
+    smallest gaps, not to input pair $i$. It couples the whole batch: never compute it in
+    chunks or per device. The f-divergence transforms do not apply.
+
+    Args:
+        chosen_logps: (B,) summed log-probabilities of the chosen responses under the policy.
+        rejected_logps: (B,) the same for the rejected responses.
+        ref_chosen_logps: (B,) the chosen responses under the reference model, or ``None``
+            (with ``ref_rejected_logps``): then $g^{ref} = 0$.
+        ref_rejected_logps: (B,) the rejected responses under the reference, or ``None``.
+        beta: $\beta > 0$. Default 0.1.
+        label_smoothing: $\varepsilon \in [0, 0.5]$. Default 0.
+        xp: The array namespace, if known.
+
+    Returns:
+        (B,) loss per rank in the inputs' floating dtype (float32 for half precision).
+
+    References:
+        Melnyk et al., "Distributional Preference Alignment of LLMs via Optimal
+        Transport", NeurIPS 2024, arXiv:2406.05882.
+    """
+    fn = "aot_loss"
     xp = get_namespace(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp=xp)
     beta = _checks.positive(fn, "beta", beta)
-    label_smoothing = _checks.in_range(fn, "label_smoothing", label_smoothing, 0.0, 0.5)
-    hw, hl = log_ratios(fn, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp)
-    return smoothed_sigmoid_loss(beta * (hw - hl), label_smoothing, xp)
+    eps = _checks.in_range(fn, "label_smoothing", label_smoothing, 0.0, 0.5)
+    cw, cl, rw, rl = pair_arrays(
+        fn, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp
+    )
+    gap = xp.sort(cw - cl)
+    if rw is not None:
+        gap = gap - xp.sort(rw - rl)
+    return smoothed_sigmoid_loss(beta * gap, eps, xp)

@@ -6,24 +6,81 @@ import difflib
 from collections.abc import Callable
 from typing import NamedTuple
 
-from prefopt.losses.group import mpo_loss
-from prefopt.losses.pairwise import dpo_loss
+from prefopt.losses.group import infonca_loss, lipo_loss, mpo_loss, nca_loss, plackett_luce_loss
+from prefopt.losses.pairwise import (
+    aot_loss,
+    aot_unpaired_loss,
+    apo_down_loss,
+    apo_zero_loss,
+    bco_pair_loss,
+    discopop_loss,
+    dpo_loss,
+    exo_pair_loss,
+    hinge_loss,
+    ipo_loss,
+    nca_pair_loss,
+    robust_dpo_loss,
+    sigmoid_norm_loss,
+    sppo_hard_loss,
+)
+from prefopt.losses.reference_free import cpo_loss, orpo_loss, simpo_loss
+from prefopt.losses.unpaired import kto_loss
 
 KINDS = ("pairwise", "reference-free", "unpaired", "group")
 
 
 class LossEntry(NamedTuple):
-    """One registered loss: its function and the kind of data it takes."""
+    """One registered loss: its function, the kind of data it takes, a display title."""
 
     fn: Callable
     kind: str
+    title: str  # as papers write it; the torch module is named title + "Loss"
+    couples_batch: bool = False  # the loss of one example depends on the others
 
 
 _LOSSES: dict[str, LossEntry] = {
-    "sigmoid": LossEntry(dpo_loss, "pairwise"),
-    "dpo": LossEntry(dpo_loss, "pairwise"),
-    "mpo": LossEntry(mpo_loss, "group"),
+    "sigmoid": LossEntry(dpo_loss, "pairwise", "DPO"),
+    "dpo": LossEntry(dpo_loss, "pairwise", "DPO"),
+    "robust": LossEntry(robust_dpo_loss, "pairwise", "RobustDPO"),
+    "ipo": LossEntry(ipo_loss, "pairwise", "IPO"),
+    "hinge": LossEntry(hinge_loss, "pairwise", "Hinge"),
+    "exo_pair": LossEntry(exo_pair_loss, "pairwise", "EXOPair"),
+    "nca_pair": LossEntry(nca_pair_loss, "pairwise", "NCAPair"),
+    "bco_pair": LossEntry(bco_pair_loss, "pairwise", "BCOPair"),
+    "sppo_hard": LossEntry(sppo_hard_loss, "pairwise", "SPPOHard"),
+    "apo_zero": LossEntry(apo_zero_loss, "pairwise", "APOZero"),
+    "apo_down": LossEntry(apo_down_loss, "pairwise", "APODown"),
+    "discopop": LossEntry(discopop_loss, "pairwise", "DiscoPOP"),
+    "aot": LossEntry(aot_loss, "pairwise", "AOT", couples_batch=True),
+    "aot_unpaired": LossEntry(aot_unpaired_loss, "pairwise", "AOTUnpaired", couples_batch=True),
+    "sigmoid_norm": LossEntry(sigmoid_norm_loss, "pairwise", "SigmoidNorm"),
+    "simpo": LossEntry(simpo_loss, "reference-free", "SimPO"),
+    "cpo": LossEntry(cpo_loss, "reference-free", "CPO"),
+    "orpo": LossEntry(orpo_loss, "reference-free", "ORPO"),
+    "kto": LossEntry(kto_loss, "unpaired", "KTO"),
+    "mpo": LossEntry(mpo_loss, "group", "MPO"),
+    "infonca": LossEntry(infonca_loss, "group", "InfoNCA"),
+    "nca": LossEntry(nca_loss, "group", "NCA"),
+    "plackett_luce": LossEntry(plackett_luce_loss, "group", "PlackettLuce"),
+    "lipo": LossEntry(lipo_loss, "group", "LiPO"),
 }
+
+
+def entry(name: str, fn: str = "get_loss") -> LossEntry:
+    """The registry entry of ``name``; an unknown name raises with the closest ones."""
+    found = _LOSSES.get(name)
+    if found is None:
+        close = difflib.get_close_matches(str(name), list(_LOSSES), n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"{fn}: unknown loss {name!r}. Known losses: {', '.join(sorted(_LOSSES))}.{hint}"
+        )
+    return found
+
+
+def entries() -> dict[str, LossEntry]:
+    """All entries by name (a copy)."""
+    return dict(_LOSSES)
 
 
 def get_loss(name: str) -> Callable:
@@ -49,14 +106,7 @@ def get_loss(name: str) -> Callable:
         >>> prefopt.get_loss("sigmoid") is prefopt.dpo_loss
         True
     """
-    entry = _LOSSES.get(name)
-    if entry is None:
-        close = difflib.get_close_matches(str(name), list(_LOSSES), n=3, cutoff=0.5)
-        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-        raise ValueError(
-            f"get_loss: unknown loss {name!r}. Known losses: {', '.join(sorted(_LOSSES))}.{hint}"
-        )
-    return entry.fn
+    return entry(name).fn
 
 
 def available_losses() -> dict[str, str]:

@@ -1,0 +1,327 @@
+"""Losses built from registered ones: weighted sums, pairwise losses on groups, pairs as groups."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any
+
+from array_api_compat import device
+
+from prefopt import _checks
+from prefopt._ops import Array, get_namespace
+from prefopt.losses.group import _group_rewards, _visible_nan, group_inputs, split
+from prefopt.losses.registry import LossEntry, entry
+
+# The arrays each layout passes positionally, in order.
+_POSITIONAL = {
+    "pair": ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"),
+    "unpaired": ("logps", "ref_logps", "desirable"),
+    "group": ("logps", "ref_logps", "rewards"),
+}
+_LAYOUT = {"pairwise": "pair", "reference-free": "pair", "unpaired": "unpaired", "group": "group"}
+
+
+def _parameters(fn: Callable) -> tuple[set[str], set[str]]:
+    """(all parameter names, keyword-only option names) of a loss function."""
+    params = inspect.signature(fn).parameters.values()
+    options = {p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "xp"}
+    return {p.name for p in params}, options
+
+
+def combine_losses(
+    weights: Mapping[str, float], *, options: Mapping[str, Mapping[str, Any]] | None = None
+) -> Callable[..., Array]:
+    r"""A weighted sum of registered losses on the same batch (TRL's ``loss_type`` list).
+
+    $$
+    \ell = \sum_k w_k\,\ell_k
+    $$
+
+    per example. The returned function takes the batch the way its losses do (positionally
+    ``chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps`` for pairs,
+    ``logps, ref_logps, rewards`` for groups, or all by keyword) and hands each loss the
+    inputs it takes: reference log-probs go to the losses that use a reference, lengths to
+    those that use lengths, a keyword such as ``mask`` or ``kl`` to each loss that has it.
+    Pairwise and reference-free losses combine; group losses combine with group losses;
+    KTO stands alone.
+
+    TRL's "Mixed Preference Optimization" recipe (arXiv:2411.10442) is
+    ``combine_losses({"sigmoid": 0.8, "bco_pair": 0.2})`` plus an SFT term, which prefopt
+    leaves to the trainer.
+
+    Args:
+        weights: Loss names (from [`available_losses`][prefopt.available_losses]) and their
+            finite weights $w_k$, e.g. ``{"sigmoid": 1.0, "bco_pair": 1.0}``.
+        options: Keyword options per loss name, e.g. ``{"sigmoid": {"beta": 0.2}}``.
+            Default ``None``: every loss with its defaults.
+
+    Returns:
+        ``combined(*arrays, **inputs)``, returning the (B,) weighted sum of the losses.
+
+    Raises:
+        ValueError: For an unknown name (with suggestions), a non-finite weight, losses
+            whose data do not mix, or options for a loss that is not in ``weights``.
+        TypeError: For an option a loss does not take.
+
+    References:
+        TRL's ``DPOConfig(loss_type=[...], loss_weights=[...])``; Wang et al., "Enhancing
+        the Reasoning Ability of Multimodal Large Language Models via Mixed Preference
+        Optimization", arXiv:2411.10442.
+
+    Example:
+        >>> import numpy as np, prefopt
+        >>> loss_fn = prefopt.combine_losses({"sigmoid": 0.5, "ipo": 0.5},
+        ...                                  options={"ipo": {"beta": 0.5}})
+        >>> x = np.array([-3.0, -5.0])
+        >>> loss_fn(x, x[::-1]).round(4)
+        array([0.7991, 4.8991])
+    """
+    fn = "combine_losses"
+    options = dict(options or {})
+    if not weights:
+        raise ValueError(f"{fn}: weights must name at least one loss; got an empty mapping")
+    stray = sorted(set(options) - set(weights))
+    if stray:
+        raise ValueError(f"{fn}: options given for {stray}, which are not in weights")
+    parts, layouts = [], set()
+    for name, weight in weights.items():
+        found: LossEntry = entry(name, fn)
+        weight = _checks.finite(fn, f"weights[{name!r}]", weight)
+        params, allowed = _parameters(found.fn)
+        unknown = sorted(set(options.get(name, {})) - allowed)
+        if unknown:
+            raise TypeError(
+                f"{fn}: {name} takes no option(s) {unknown}; it takes {sorted(allowed)}"
+            )
+        layouts.add(_LAYOUT[found.kind])
+        parts.append((found.fn, weight, params, dict(options.get(name, {}))))
+    if len(layouts) > 1:
+        raise ValueError(
+            f"{fn}: losses of different data cannot be summed; got {', '.join(sorted(layouts))} "
+            f"losses in {sorted(weights)}"
+        )
+    positional = _POSITIONAL[layouts.pop()]
+    accepted = set().union(*(p[2] for p in parts)) | {"xp"}
+
+    def combined(*arrays: Array, **inputs: Array) -> Array:
+        if len(arrays) > len(positional):
+            raise TypeError(f"combined loss: at most {len(positional)} positional arrays")
+        bound = dict(zip(positional, arrays))
+        twice = sorted(set(bound) & set(inputs))
+        if twice:
+            raise TypeError(f"combined loss: {twice} given positionally and by keyword")
+        bound.update(inputs)
+        unused = sorted(set(bound) - accepted)
+        if unused:
+            raise TypeError(f"combined loss: no loss of {sorted(weights)} takes {unused}")
+        total = None
+        for loss_fn, weight, names, opts in parts:
+            args = {k: v for k, v in bound.items() if k in names}
+            if "ref_logps" in names:
+                args.setdefault("ref_logps", None)
+            loss = weight * loss_fn(**args, **opts)
+            total = loss if total is None else total + loss
+        return total
+
+    combined.__name__ = combined.__qualname__ = "combined_loss"
+    combined.__doc__ = f"Weighted sum of {dict(weights)} (see prefopt.combine_losses)."
+    return combined
+
+
+def group_pairwise_loss(
+    loss: str,
+    logps: Array,
+    ref_logps: Array | None,
+    rewards: Array,
+    *,
+    pairs: str = "all",
+    mask: Array | None = None,
+    chosen: Array | None = None,
+    lengths: Array | None = None,
+    check_values: bool | None = None,
+    xp: ModuleType | None = None,
+    **options: Any,
+) -> Array:
+    r"""A pairwise loss applied to groups of n scored responses, per group.
+
+    ``pairs="all"``: every (chosen, rejected) pair across MPO's mean split (the chosen set
+    $Y^+ = \{i : r_i > \bar r\}$, or an explicit ``chosen``), averaged per group:
+
+    $$
+    \ell = \frac{1}{|Y^+|\,|Y^-|}\sum_{i \in Y^+}\sum_{j \in Y^-}
+           \ell_{pair}(y_i, y_j)
+    $$
+
+    ``pairs="best_worst"``: the single pair of the highest and the lowest reward (first
+    position on ties), as DPO is usually run on scored samples. A group without both a
+    chosen and a rejected response (all rewards equal, fewer than two valid) has loss 0.
+    This puts DPO and its family on the same group data as [`mpo_loss`][prefopt.mpo_loss].
+    Losses that sort across the batch (``aot``, ``aot_unpaired``) are refused: pairs of
+    different groups would be matched.
+
+    Args:
+        loss: The name of a pairwise or reference-free loss, e.g. ``"sigmoid"``.
+        logps: (B, n) summed log-probabilities of each response under the policy.
+        ref_logps: (B, n) the same under the reference model, or ``None``.
+        rewards: (B, n) scalar rewards (floating or integer). Treated as data.
+        pairs: ``"all"`` (default) or ``"best_worst"``.
+        mask: (B, n) boolean, ``True`` on real responses; padding may hold anything.
+            Default ``None``: all real.
+        chosen: (B, n) boolean chosen set replacing the mean split (``pairs="all"`` only).
+        lengths: (B, n) token counts, for losses that take lengths. Default ``None``.
+        check_values: Check that valid rewards are finite, as in
+            [`mpo_loss`][prefopt.mpo_loss]. Default ``None``: on host arrays.
+        xp: The array namespace, if known.
+        **options: Options of the pairwise loss, e.g. ``beta=0.1``.
+
+    Returns:
+        (B,) loss per group in the log-probs' floating dtype (float32 for half precision).
+
+    Raises:
+        ValueError: For an unknown or batch-coupled loss, a reference given to a
+            reference-free loss, lengths given to a loss that takes none, bad shapes.
+
+    References:
+        Rafailov et al., "Direct Preference Optimization", arXiv:2305.18290; the all-pairs
+        and best-vs-worst constructions compared in Gupta et al., "Multi-Preference
+        Optimization", arXiv:2412.04628.
+    """
+    fn = "group_pairwise_loss"
+    found = entry(loss, fn)
+    if found.kind not in ("pairwise", "reference-free") or found.couples_batch:
+        raise ValueError(
+            f"{fn}: loss must be a pairwise loss that does not sort across the batch; "
+            f"got {loss!r} ({found.kind}{', couples the batch' if found.couples_batch else ''})"
+        )
+    _checks.one_of(fn, "pairs", pairs, ("all", "best_worst"))
+    if pairs == "best_worst" and chosen is not None:
+        raise ValueError(f"{fn}: chosen applies to pairs='all' only")
+    params, _ = _parameters(found.fn)
+    if ref_logps is not None and "ref_chosen_logps" not in params:
+        raise ValueError(f"{fn}: {loss!r} is reference-free; pass ref_logps=None")
+    if lengths is not None and "chosen_lengths" not in params:
+        raise ValueError(f"{fn}: {loss!r} takes no lengths; pass lengths=None")
+    xp = get_namespace(logps, ref_logps, rewards, mask, chosen, lengths, xp=xp)
+    logps, ref_logps, rewards, valid, lengths = group_inputs(
+        fn, xp, logps, ref_logps, rewards, mask, lengths, chosen
+    )
+    # Padding may hold NaN: replace it before any arithmetic (its pairs are dropped below).
+    arrays = {"logps": xp.where(valid, logps, 0.0)}
+    if ref_logps is not None:
+        arrays["ref_logps"] = xp.where(valid, ref_logps, 0.0)
+    if lengths is not None:
+        arrays["lengths"] = xp.where(valid, lengths, 1.0)
+    groups = split(fn, rewards, valid, chosen, xp, check_values)
+    B, n = logps.shape
+    if pairs == "all":
+        take = (groups.chosen, groups.rejected)
+        selected = xp.expand_dims(take[0], axis=-1) & xp.expand_dims(take[1], axis=-2)
+
+        def side(x: Array, axis: int) -> Array:
+            return xp.reshape(xp.broadcast_to(xp.expand_dims(x, axis=axis), (B, n, n)), (-1,))
+
+        sides = (
+            {k: side(v, -1) for k, v in arrays.items()},
+            {k: side(v, -2) for k, v in arrays.items()},
+        )
+    else:
+        r, _ = _group_rewards(fn, rewards, valid, xp, False)
+        index = xp.arange(n, device=device(logps))
+        best = xp.argmax(xp.where(valid, r, -math.inf), axis=-1)
+        worst = xp.argmin(xp.where(valid, r, math.inf), axis=-1)
+        sides = tuple(
+            {
+                k: xp.sum(xp.where(index == xp.expand_dims(at, axis=-1), v, 0.0), axis=-1)
+                for k, v in arrays.items()
+            }
+            for at in (best, worst)
+        )
+    call = {"chosen_logps": sides[0]["logps"], "rejected_logps": sides[1]["logps"]}
+    if ref_logps is not None:
+        call.update(
+            ref_chosen_logps=sides[0]["ref_logps"], ref_rejected_logps=sides[1]["ref_logps"]
+        )
+    if lengths is not None:
+        call.update(chosen_lengths=sides[0]["lengths"], rejected_lengths=sides[1]["lengths"])
+    per_pair = found.fn(**call, **options, xp=xp)
+    if pairs == "all":
+        per_pair = xp.reshape(per_pair, (B, n, n))
+        count = xp.sum(xp.astype(selected, per_pair.dtype), axis=(-2, -1))
+        total = xp.sum(xp.where(selected, per_pair, 0.0), axis=(-2, -1))
+        loss = total / xp.clip(count, min=1.0)
+    else:
+        loss = xp.where(groups.counted, per_pair, 0.0)
+    if not groups.checked:
+        loss = _visible_nan(loss, xp.isfinite(groups.total[..., 0]), xp)
+    return loss
+
+
+def pairs_as_groups(
+    chosen_logps: Array,
+    rejected_logps: Array,
+    ref_chosen_logps: Array | None = None,
+    ref_rejected_logps: Array | None = None,
+    *,
+    chosen_lengths: Array | None = None,
+    rejected_lengths: Array | None = None,
+    xp: ModuleType | None = None,
+) -> dict[str, Array | None]:
+    r"""A pairwise batch viewed as groups of two, for the group losses.
+
+    Response 0 of each group is the chosen one (reward 1), response 1 the rejected one
+    (reward 0). With the default weighting, [`mpo_loss`][prefopt.mpo_loss] on these groups
+    equals [`dpo_loss`][prefopt.dpo_loss] on the pairs.
+
+    Args:
+        chosen_logps: (B,) summed log-probabilities of the chosen responses.
+        rejected_logps: (B,) the same for the rejected responses.
+        ref_chosen_logps: (B,) under the reference model, or ``None``.
+        ref_rejected_logps: (B,) under the reference model, or ``None``.
+        chosen_lengths: (B,) token counts of the chosen responses, or ``None``.
+        rejected_lengths: (B,) token counts of the rejected responses, or ``None``.
+        xp: The array namespace, if known.
+
+    Returns:
+        A dict with ``logps``, ``ref_logps``, ``rewards`` and ``lengths``, each (B, 2) or
+        ``None``, to pass as keyword arguments to a group loss.
+
+    Example:
+        >>> import numpy as np, prefopt
+        >>> groups = prefopt.pairs_as_groups(np.array([-5.0]), np.array([-9.0]))
+        >>> groups["rewards"]
+        array([[1., 0.]])
+        >>> bool(prefopt.mpo_loss(**groups) == prefopt.dpo_loss(np.array([-5.0]), np.array([-9.0])))
+        True
+    """
+    fn = "pairs_as_groups"
+    xp = get_namespace(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp=xp)
+    _checks.same_shape(
+        fn,
+        "B",
+        {
+            "chosen_logps": chosen_logps,
+            "rejected_logps": rejected_logps,
+            "ref_chosen_logps": ref_chosen_logps,
+            "ref_rejected_logps": ref_rejected_logps,
+            "chosen_lengths": chosen_lengths,
+            "rejected_lengths": rejected_lengths,
+        },
+    )
+    _checks.floating(fn, "chosen_logps", chosen_logps, xp)
+
+    def stack(a: Array | None, b: Array | None, name: str) -> Array | None:
+        if (a is None) != (b is None):
+            raise ValueError(f"{fn}: pass both chosen and rejected {name}, or neither")
+        return None if a is None else xp.stack([a, b], axis=-1)
+
+    logps = stack(chosen_logps, rejected_logps, "log-probs")
+    rewards = xp.stack([xp.ones_like(chosen_logps), xp.zeros_like(chosen_logps)], axis=-1)
+    return {
+        "logps": logps,
+        "ref_logps": stack(ref_chosen_logps, ref_rejected_logps, "reference log-probs"),
+        "rewards": rewards,
+        "lengths": stack(chosen_lengths, rejected_lengths, "lengths"),
+    }

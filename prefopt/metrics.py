@@ -1,0 +1,140 @@
+"""What a trainer logs: implicit rewards, margins and accuracies, for pairs and for groups.
+
+Each function returns a dict of 0-d arrays in the inputs' namespace and device, without
+gradient (no device sync: call ``float()`` on them when you log). The keys follow TRL's
+(``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from prefopt._ops import Array, get_namespace, masked_mean, stop_gradient
+from prefopt.losses.group import group_scores, split
+from prefopt.losses.pairwise import log_ratios
+
+__all__ = ["group_metrics", "pair_metrics"]
+
+
+def pair_metrics(
+    chosen_logps: Array,
+    rejected_logps: Array,
+    ref_chosen_logps: Array | None = None,
+    ref_rejected_logps: Array | None = None,
+    *,
+    beta: float = 0.1,
+    xp: ModuleType | None = None,
+) -> dict[str, Array]:
+    r"""Implicit-reward metrics of a pairwise batch.
+
+    With the implicit rewards $\rho_w = \beta h_w$ and $\rho_l = \beta h_l$ (DPO's
+    $\beta$ times the log-ratio to the reference):
+
+    - ``rewards/chosen``: $\operatorname{mean}(\rho_w)$; ``rewards/rejected``:
+      $\operatorname{mean}(\rho_l)$;
+    - ``rewards/margins``: $\operatorname{mean}(\rho_w - \rho_l)$;
+    - ``rewards/accuracies``: the share of pairs with $\rho_w > \rho_l$ (ties count as
+      wrong, as in TRL).
+
+    Args:
+        chosen_logps: (B,) summed log-probabilities of the chosen responses.
+        rejected_logps: (B,) the same for the rejected responses.
+        ref_chosen_logps: (B,) under the reference model, or ``None`` (reference-free).
+        ref_rejected_logps: (B,) under the reference model, or ``None``.
+        beta: $\beta$, as passed to the loss. Default 0.1.
+        xp: The array namespace, if known.
+
+    Returns:
+        A dict from metric name to a 0-d array.
+
+    Example:
+        >>> import numpy as np
+        >>> from prefopt.metrics import pair_metrics
+        >>> m = pair_metrics(np.array([-5.0, -7.0]), np.array([-9.0, -6.0]), beta=1.0)
+        >>> {k: float(v) for k, v in m.items()}["rewards/accuracies"]
+        0.5
+    """
+    fn = "pair_metrics"
+    xp = get_namespace(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp=xp)
+    hw, hl = log_ratios(fn, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp)
+    rw, rl = stop_gradient(beta * hw, xp=xp), stop_gradient(beta * hl, xp=xp)
+    return {
+        "rewards/chosen": xp.mean(rw),
+        "rewards/rejected": xp.mean(rl),
+        "rewards/margins": xp.mean(rw - rl),
+        "rewards/accuracies": xp.mean(xp.astype(rw > rl, rw.dtype)),
+    }
+
+
+def group_metrics(
+    logps: Array,
+    ref_logps: Array | None,
+    rewards: Array,
+    *,
+    mask: Array | None = None,
+    chosen: Array | None = None,
+    lengths: Array | None = None,
+    beta: float = 0.1,
+    check_values: bool | None = None,
+    xp: ModuleType | None = None,
+) -> dict[str, Array]:
+    r"""Implicit-reward metrics of a group batch, over MPO's chosen/rejected split.
+
+    With implicit rewards $\rho_i = \beta h(y_i)$ and each group split at its mean reward
+    (or by ``chosen``) into $Y^+$ and $Y^-$, over the groups where both are non-empty:
+
+    - ``rewards/chosen``, ``rewards/rejected``: the mean over groups of the mean $\rho$ of
+      $Y^+$, of $Y^-$; ``rewards/margins``: their difference;
+    - ``rewards/accuracies``: the share of pairs $(i \in Y^+, j \in Y^-)$ with
+      $r_i \ne r_j$ whose implicit rewards are ordered like their rewards, pooled over the
+      batch;
+    - ``groups/degenerate``: the number of groups left out (empty $Y^+$ or $Y^-$).
+
+    Args:
+        logps: (B, n) summed log-probabilities of each response under the policy.
+        ref_logps: (B, n) the same under the reference model, or ``None``.
+        rewards: (B, n) scalar rewards (floating or integer).
+        mask: (B, n) boolean, ``True`` on real responses. Default ``None``: all real.
+        chosen: (B, n) boolean explicit chosen set. Default ``None``: the mean split.
+        lengths: (B, n) token counts; only with ``ref_logps=None``.
+        beta: $\beta$, as passed to the loss. Default 0.1.
+        check_values: As in [`mpo_loss`][prefopt.mpo_loss]. Default ``None``.
+        xp: The array namespace, if known.
+
+    Returns:
+        A dict from metric name to a 0-d array; means over no group are 0.
+
+    References:
+        Gupta et al., "Multi-Preference Optimization", arXiv:2412.04628.
+    """
+    fn = "group_metrics"
+    xp = get_namespace(logps, ref_logps, rewards, mask, chosen, lengths, xp=xp)
+    s, rewards, valid = group_scores(
+        fn, xp, logps, ref_logps, rewards, mask, lengths, beta, check_values, chosen
+    )
+    s = stop_gradient(s, xp=xp)
+    groups = split(fn, rewards, valid, chosen, xp, check_values)
+    counted = groups.counted
+    mean_chosen = masked_mean(masked_mean(s, groups.chosen, axis=-1, xp=xp), counted, xp=xp)
+    mean_rejected = masked_mean(masked_mean(s, groups.rejected, axis=-1, xp=xp), counted, xp=xp)
+    r = xp.where(valid, rewards, 0.0)
+
+    def outer(x: Array) -> tuple[Array, Array]:
+        return xp.expand_dims(x, axis=-1), xp.expand_dims(x, axis=-2)
+
+    (ri, rj), (si, sj), (ci, _), (_, nj) = (
+        outer(r),
+        outer(s),
+        outer(groups.chosen),
+        outer(groups.rejected),
+    )
+    pairs = ci & nj & (ri != rj)
+    right = pairs & ((si > sj) == (ri > rj))
+    count = xp.sum(xp.astype(pairs, s.dtype))
+    return {
+        "rewards/chosen": mean_chosen,
+        "rewards/rejected": mean_rejected,
+        "rewards/margins": mean_chosen - mean_rejected,
+        "rewards/accuracies": xp.sum(xp.astype(right, s.dtype)) / xp.clip(count, min=1.0),
+        "groups/degenerate": xp.sum(xp.astype(~counted, s.dtype)),
+    }
