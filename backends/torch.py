@@ -15,8 +15,7 @@ import array_api_compat.torch as torch_xp
 import torch
 
 import prefopt
-
-__all__ = ["DPOLoss", "MPOLoss", "PreferenceLoss", "stop_gradient"]
+from prefopt.losses.registry import entries, entry
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -67,7 +66,9 @@ class PreferenceLoss(torch.nn.Module):
         super().__init__()
         name = type(self).__name__
         if self.loss_fn is None:
-            raise TypeError(f"{name} has no loss_fn: use MPOLoss or DPOLoss, or set loss_fn")
+            raise TypeError(
+                f"{name} has no loss_fn: use a loss module such as MPOLoss, or set loss_fn"
+            )
         if reduction not in REDUCTIONS:
             raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}; got {reduction!r}")
         allowed = {
@@ -105,21 +106,26 @@ class PreferenceLoss(torch.nn.Module):
         return f"reduction={self.reduction!r}" + (f", {options}" if options else "")
 
 
-class DPOLoss(PreferenceLoss):
-    """[`prefopt.dpo_loss`][prefopt.dpo_loss] as a module.
+class GroupLoss(PreferenceLoss):
+    """Base of the group-loss modules: ``"mean"`` averages over the groups that count.
 
-    Example:
-        >>> import torch
-        >>> from prefopt.backends.torch import DPOLoss
-        >>> loss_fn = DPOLoss(beta=0.1)
-        >>> loss = loss_fn(torch.tensor([-5.0]), torch.tensor([-9.0]),
-        ...                torch.tensor([-6.0]), torch.tensor([-8.0]))
+    A group counts when it has at least ``min_valid`` real responses (2 by default: one
+    response alone has nothing to be compared with; 1 for NCA, whose loss is defined on
+    a single response). MPO counts the groups with a non-empty chosen and rejected set.
     """
 
-    loss_fn = staticmethod(prefopt.dpo_loss)
+    min_valid = 2
+
+    def counted(self, logps, ref_logps=None, rewards=None, *, mask=None, **_):
+        """The groups with at least ``min_valid`` real responses."""
+        if mask is None:
+            return torch.full(
+                logps.shape[:1], logps.shape[-1] >= self.min_valid, device=logps.device
+            )
+        return mask.sum(dim=-1) >= self.min_valid
 
 
-class MPOLoss(PreferenceLoss):
+class MPOLoss(GroupLoss):
     """[`prefopt.mpo_loss`][prefopt.mpo_loss] as a module.
 
     ``reduction="mean"`` averages over the groups that count (both sets non-empty, see
@@ -143,3 +149,51 @@ class MPOLoss(PreferenceLoss):
             rewards, mask=mask, chosen=chosen, check_values=False, xp=torch_xp
         )
         return counted
+
+
+def _module_classes() -> dict[str, type]:
+    """One module class per registered loss function, named after its title."""
+    classes = {}
+    for name, found in entries().items():
+        cls_name = found.title + "Loss"
+        if cls_name in classes:  # an alias ("dpo" for "sigmoid")
+            continue
+        if cls_name == "MPOLoss":
+            classes[cls_name] = MPOLoss
+            continue
+        base = GroupLoss if found.kind == "group" else PreferenceLoss
+        attrs = {
+            "loss_fn": staticmethod(found.fn),
+            "__module__": __name__,
+            "__doc__": f"[`prefopt.{found.fn.__name__}`][prefopt.{found.fn.__name__}] as a "
+            f'module (``get_loss("{name}")``).\n\n    Options go to the constructor, arrays '
+            "to ``forward``; see [`PreferenceLoss`][backends.torch.PreferenceLoss].",
+        }
+        if found.fn is prefopt.nca_loss:
+            attrs["min_valid"] = 1
+        classes[cls_name] = type(cls_name, (base,), attrs)
+    return classes
+
+
+LOSS_MODULES: dict[str, type] = _module_classes()
+globals().update(LOSS_MODULES)
+__all__ = sorted(["GroupLoss", "PreferenceLoss", "loss_module", "stop_gradient", *LOSS_MODULES])
+
+
+def loss_module(name: str, **options: Any) -> PreferenceLoss:
+    """The module of a registered loss, by name (TRL's ``loss_type`` strings).
+
+    Args:
+        name: A name from [`prefopt.available_losses`][prefopt.available_losses].
+        **options: ``reduction`` and the keyword options of the loss.
+
+    Returns:
+        An instance of the loss's module class, e.g. ``IPOLoss(beta=0.5)`` for
+        ``loss_module("ipo", beta=0.5)``.
+
+    Example:
+        >>> from prefopt.backends.torch import loss_module
+        >>> loss_module("sigmoid", beta=0.2)
+        DPOLoss(reduction='mean', beta=0.2)
+    """
+    return LOSS_MODULES[entry(name, "loss_module").title + "Loss"](**options)

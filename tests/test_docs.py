@@ -63,6 +63,14 @@ def test_loss_docstrings_carry_formula_shapes_defaults_and_citation(name):
     assert "Default" in doc, f"{name}: docstring lacks the defaults"
 
 
+def test_generated_torch_modules_are_listed_in_the_api_table():
+    torch_backend = pytest.importorskip("prefopt.backends.torch")
+    table = (DOCS / "api.md").read_text()
+    for cls_name, cls in torch_backend.LOSS_MODULES.items():
+        fn = cls.loss_fn.__name__
+        assert f"| `{cls_name}` | [`{fn}`][prefopt.{fn}] |" in table, cls_name
+
+
 def test_every_registered_name_is_in_the_choosing_table():
     table = (DOCS / "choosing.md").read_text()
     for name in prefopt.available_losses():

@@ -130,3 +130,80 @@ def test_reward_gradients_do_not_leak_nan_from_padding():
     rewards.requires_grad_(True)
     prefopt.mpo_loss(logps, ref, rewards, mask=mask).sum().backward()
     assert torch.all(torch.isfinite(rewards.grad))
+
+
+CATALOGUE = [name for name in prefopt.available_losses() if name != "dpo"]
+
+
+def catalogue_case(name, dtype="float64"):
+    from tests.backends import TorchBackend
+    from tests.test_catalogue import VARIANTS, make_case, to_backend
+
+    positional, keywords, opts = make_case(
+        name, "random", np.random.default_rng(3), VARIANTS[name][-1]
+    )
+    pos, kw = to_backend(TorchBackend(), positional, keywords, dtype)
+    return pos, kw, opts
+
+
+@pytest.mark.parametrize("name", CATALOGUE)
+def test_every_loss_compiles_fullgraph_without_breaks_and_matches_eager(name):
+    from prefopt.backends.torch import loss_module
+
+    pos, kw, opts = catalogue_case(name)
+    fn = prefopt.get_loss(name)
+    assert _graph_breaks(lambda *a, **k: fn(*a, **k, **opts), *pos, **kw) == 0
+    module = loss_module(name, **opts)
+    assert _graph_breaks(module, *pos, **kw) == 0
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True)
+    results = []
+    for f in (module, compiled):
+        leaf = pos[0].detach().clone().requires_grad_(True)
+        out = f(leaf, *pos[1:], **kw)
+        out.backward()
+        results.append((out.detach(), leaf.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", CATALOGUE)
+def test_every_loss_has_a_module_with_reductions(name):
+    from prefopt.backends import torch as backend
+
+    pos, kw, opts = catalogue_case(name)
+    module = backend.loss_module(name, **opts)
+    assert type(module).__name__ == prefopt.losses.registry.entry(name).title + "Loss"
+    assert getattr(backend, type(module).__name__) is type(module)
+    assert type(module).loss_fn is prefopt.get_loss(name)
+    per_example = prefopt.get_loss(name)(*pos, **kw, **opts)
+    none = backend.loss_module(name, reduction="none", **opts)(*pos, **kw)
+    assert torch.equal(none, per_example)
+    assert torch.equal(
+        backend.loss_module(name, reduction="sum", **opts)(*pos, **kw), per_example.sum()
+    )
+    counted = module.counted(*pos, **kw)
+    expected = per_example.mean() if counted is None else per_example[counted].mean()
+    torch.testing.assert_close(module(*pos, **kw), expected, rtol=1e-14, atol=0)
+
+
+def test_group_modules_average_over_the_groups_that_count():
+    from prefopt.backends.torch import InfoNCALoss, NCALoss
+
+    logps, ref, rewards, mask = group_batch()  # group 2 has one response
+    per_group = prefopt.infonca_loss(logps, ref, rewards, mask=mask)
+    assert per_group[2] == 0.0
+    torch.testing.assert_close(
+        InfoNCALoss()(logps, ref, rewards, mask=mask), per_group[[0, 1, 3]].mean()
+    )
+    torch.testing.assert_close(
+        NCALoss()(logps, ref, rewards, mask=mask),
+        prefopt.nca_loss(logps, ref, rewards, mask=mask).mean(),
+    )
+
+
+def test_loss_module_by_unknown_name():
+    from prefopt.backends.torch import loss_module
+
+    with pytest.raises(ValueError, match="loss_module: unknown loss 'ipoo'.*Did you mean 'ipo'"):
+        loss_module("ipoo")
