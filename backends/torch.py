@@ -177,7 +177,16 @@ def _module_classes() -> dict[str, type]:
 
 LOSS_MODULES: dict[str, type] = _module_classes()
 globals().update(LOSS_MODULES)
-__all__ = sorted(["GroupLoss", "PreferenceLoss", "loss_module", "stop_gradient", *LOSS_MODULES])
+__all__ = sorted(
+    [
+        "GroupLoss",
+        "PreferenceLoss",
+        "fused_linear_logps",
+        "loss_module",
+        "stop_gradient",
+        *LOSS_MODULES,
+    ]
+)
 
 
 def loss_module(name: str, **options: Any) -> PreferenceLoss:
@@ -197,3 +206,134 @@ def loss_module(name: str, **options: Any) -> PreferenceLoss:
         DPOLoss(reduction='mean', beta=0.2)
     """
     return LOSS_MODULES[entry(name, "loss_module").title + "Loss"](**options)
+
+
+class _FusedLinearLogps(torch.autograd.Function):
+    """Token log-probs of ``hidden @ weight.T + bias``, chunk by chunk, recomputed in backward.
+
+    Saves the inputs and one log-sum-exp per row, never the (rows, V) logits.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, valid, chunk_size):
+        rows = hidden.shape[0]
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        out = torch.empty(rows, dtype=dtype, device=hidden.device)
+        lse = torch.empty(rows, dtype=dtype, device=hidden.device)
+        for start in range(0, rows, chunk_size):
+            stop = min(start + chunk_size, rows)
+            logits = _chunk_logits(hidden[start:stop], weight, bias, dtype)
+            lse[start:stop] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(-1, labels[start:stop, None])[:, 0]
+            out[start:stop] = picked - lse[start:stop]
+        ctx.save_for_backward(hidden, weight, bias, labels, valid, lse)
+        ctx.chunk_size = chunk_size
+        return torch.where(valid, out, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, labels, valid, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_out = torch.where(valid, grad_out, 0.0)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=lse.dtype) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=lse.dtype) if need_bias else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            stop = min(start + ctx.chunk_size, hidden.shape[0])
+            h, g = hidden[start:stop], grad_out[start:stop]
+            # d log p_y / d logits = onehot(y) - softmax(logits): built in place on the chunk
+            grad_logits = _chunk_logits(h, weight, bias, lse.dtype)
+            grad_logits.sub_(lse[start:stop, None]).exp_().mul_(-g[:, None])
+            grad_logits.scatter_add_(-1, labels[start:stop, None], g[:, None])
+            if need_bias:
+                grad_bias += grad_logits.sum(dim=0)
+            if need_weight:
+                grad_weight.addmm_(grad_logits.T, h.to(lse.dtype))
+            if need_hidden:
+                grad_hidden[start:stop] = grad_logits.to(hidden.dtype) @ weight
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        if need_bias:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _chunk_logits(hidden, weight, bias, dtype):
+    logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+    return logits.to(dtype)
+
+
+def fused_linear_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    r"""Token log-probabilities from the last hidden states, without the logits tensor.
+
+    $$
+    \log p_t = z_{t, y_t} - \log\sum_v e^{z_{t,v}}, \qquad z_t = W h_t + b
+    $$
+
+    computed ``chunk_size`` rows (token positions) at a time: forward keeps one
+    log-sum-exp per row, backward recomputes each chunk's logits and accumulates the
+    gradients of ``hidden``, ``weight`` and ``bias`` (an ``autograd.Function``). Peak memory
+    is one (chunk_size, V) float32 block instead of the (rows, V) logits and their
+    gradient; the price is a second logits matmul in backward. Values and gradients match
+    ``token_logps(hidden @ weight.T + bias, labels)``.
+
+    Labels are **not** shifted (see [`prefopt.shift_labels`][prefopt.shift_labels]); rows
+    with ``ignore_index`` give 0 and no gradient. Row chunks never change a result: the
+    sequence sums, and a group's responses, are assembled afterwards from all rows, so a
+    group never straddles anything the loss sees.
+
+    Args:
+        hidden: (..., H) final hidden states (before the output projection), e.g.
+            (B, n, T, H) for n responses per prompt.
+        weight: (V, H) output-embedding matrix (``model.lm_head.weight``).
+        labels: (...) token ids in [0, V), or ``ignore_index``.
+        bias: (V,) output bias, or ``None`` (the default; most LMs have none).
+        ignore_index: Default -100.
+        chunk_size: Rows per chunk. Default 1024.
+
+    Returns:
+        (...) log-probabilities in float32 (float64 for float64 inputs).
+
+    Example:
+        >>> import torch
+        >>> from prefopt.backends.torch import fused_linear_logps
+        >>> hidden = torch.randn(2, 5, 16, requires_grad=True)
+        >>> weight = torch.randn(100, 16, requires_grad=True)
+        >>> labels = torch.randint(0, 100, (2, 5))
+        >>> fused_linear_logps(hidden, weight, labels).sum().backward()
+    """
+    fn = "fused_linear_logps"
+    if hidden.ndim < 1 or weight.ndim != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{fn}: weight must have shape (V, H) with H = hidden.shape[-1] = "
+            f"{hidden.shape[-1] if hidden.ndim else None}; got weight {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"{fn}: bias must have shape ({weight.shape[0]},); got {tuple(bias.shape)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"{fn}: chunk_size must be >= 1; got {chunk_size}")
+    from prefopt.logps import _check_labels
+
+    _check_labels(fn, labels, tuple(hidden.shape[:-1]), weight.shape[0], ignore_index, torch_xp)
+    lead = hidden.shape[:-1]
+    flat_labels = labels.reshape(-1)
+    valid = flat_labels != ignore_index
+    out = _FusedLinearLogps.apply(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        bias,
+        torch.where(valid, flat_labels, 0),
+        valid,
+        int(chunk_size),
+    )
+    return out.reshape(lead)

@@ -6,6 +6,7 @@ The same call runs on NumPy, PyTorch (CPU, CUDA, ``torch.compile``) and JAX (``j
 
 from prefopt import metrics
 from prefopt._ops import log_sigmoid, logsumexp, masked_mean, softplus
+from prefopt.logps import causal_lm_logps, sequence_logps, shift_labels, token_logps
 from prefopt.losses import (
     aot_loss,
     aot_unpaired_loss,
@@ -48,6 +49,7 @@ __all__ = [
     "apo_zero_loss",
     "available_losses",
     "bco_pair_loss",
+    "causal_lm_logps",
     "combine_losses",
     "cpo_loss",
     "discopop_loss",
@@ -73,8 +75,11 @@ __all__ = [
     "pairs_as_groups",
     "plackett_luce_loss",
     "robust_dpo_loss",
+    "sequence_logps",
+    "shift_labels",
     "sigmoid_norm_loss",
     "simpo_loss",
     "softplus",
     "sppo_hard_loss",
+    "token_logps",
 ]

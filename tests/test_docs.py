@@ -94,3 +94,15 @@ def test_readme_python_examples_run():
     assert len(blocks) >= 2
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+@pytest.mark.parametrize(
+    "page", ["logps.md", "choosing.md", "metrics.md", "losses/group.md", "losses/kto.md"]
+)
+def test_docs_python_examples_run(page):
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.S)
+    assert blocks, page
+    for block in blocks:
+        exec(compile(block, page, "exec"), {})

@@ -1,0 +1,184 @@
+"""Peak memory and time of forward + backward for token log-probs from hidden states:
+the naive path (full logits, then log_softmax, then gather) against prefopt's fused,
+chunked ``fused_linear_logps``, each measured in its own process, in the same run.
+
+    python benchmarks/bench_logps.py                  # 16 x 512 tokens, H 1024, V 32000
+    python benchmarks/bench_logps.py --quick          # tiny sizes: a smoke run (CI)
+    python benchmarks/bench_logps.py --framework jax  # the JAX paths
+    python benchmarks/bench_logps.py --device cuda --dtype bfloat16 --vocab 128256
+
+Targets (issue 4): peak memory at most 30% of the naive path's, time at most 1.3x.
+Memory on CPU is the process's peak resident set (``ru_maxrss``), reported whole and as
+the growth over the resident set once the inputs exist; on CUDA it is
+``torch.cuda.max_memory_allocated``. Time is the best of ``--repeats`` forward + backward
+passes (the first is a warm-up). The processes of the paths alternate over ``--rounds``
+rounds so that a noisy neighbour slows both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+MODES = {
+    "torch": ("naive", "token_logps", "fused"),
+    "jax": ("naive", "fused"),
+}
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def torch_worker(args) -> dict:
+    import torch
+    from prefopt.backends.torch import fused_linear_logps
+
+    import prefopt
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    dev = torch.device(args.device)
+    hidden = torch.randn(args.rows, args.seq, args.hidden, device=dev, dtype=dtype)
+    weight = (torch.randn(args.vocab, args.hidden, device=dev) / args.hidden**0.5).to(dtype)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    labels = torch.randint(0, args.vocab, (args.rows, args.seq), device=dev)
+    labels[:, : args.seq // 4] = -100  # a prompt
+    mask = labels != -100
+
+    def step():
+        if args.mode == "fused":
+            per_token = fused_linear_logps(hidden, weight, labels, chunk_size=args.chunk)
+        elif args.mode == "token_logps":
+            per_token = prefopt.token_logps(hidden @ weight.T, labels)
+        else:
+            logits = (hidden @ weight.T).float()
+            safe = labels.clamp(min=0)
+            per_token = logits.log_softmax(-1).gather(-1, safe[..., None])[..., 0]
+        loss = (per_token * mask).sum()
+        loss.backward()
+        hidden.grad = weight.grad = None
+        return loss.item()
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = rss_mib()
+    times = []
+    for _ in range(args.repeats + 1):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else rss_mib()
+    return {"base": base, "peak": peak, "time": min(times[1:])}
+
+
+def jax_worker(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from prefopt.backends.jax import fused_linear_logps
+
+    import prefopt
+
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    dtype = getattr(jnp, args.dtype)
+    hidden = jax.random.normal(k1, (args.rows, args.seq, args.hidden), dtype)
+    weight = (jax.random.normal(k2, (args.vocab, args.hidden)) / args.hidden**0.5).astype(dtype)
+    labels = jax.random.randint(k3, (args.rows, args.seq), 0, args.vocab)
+    labels = labels.at[:, : args.seq // 4].set(-100)
+    mask = labels != -100
+
+    def loss(hidden, weight):
+        if args.mode == "fused":
+            per_token = fused_linear_logps(hidden, weight, labels, chunk_size=args.chunk)
+        else:
+            logits = (hidden @ weight.T).astype(jnp.float32)
+            safe = jnp.maximum(labels, 0)
+            lsm = jax.nn.log_softmax(logits, axis=-1)
+            per_token = jnp.take_along_axis(lsm, safe[..., None], axis=-1)[..., 0]
+        return prefopt.masked_mean(per_token, mask) * mask.sum()
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    jax.block_until_ready((hidden, weight))
+    base = rss_mib()
+    times = []
+    for _ in range(args.repeats + 1):
+        start = time.perf_counter()
+        jax.block_until_ready(step(hidden, weight))
+        times.append(time.perf_counter() - start)
+    return {"base": base, "peak": rss_mib(), "time": min(times[1:])}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--framework", choices=sorted(MODES), default="torch")
+    parser.add_argument("--rows", type=int, default=16, help="sequences (B * n)")
+    parser.add_argument("--seq", type=int, default=512, help="tokens per sequence")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--chunk", type=int, default=1024, help="rows per chunk (fused)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.rows, args.seq, args.hidden, args.vocab = 4, 64, 32, 1000
+        args.chunk, args.repeats, args.rounds = 64, 1, 1
+    if args.mode:  # a worker process
+        worker = torch_worker if args.framework == "torch" else jax_worker
+        print(json.dumps(worker(args)))
+        return
+    results = {mode: [] for mode in MODES[args.framework]}
+    argv = [a for a in sys.argv[1:] if a != "--quick"]
+    if args.quick:
+        argv += ["--rows", "4", "--seq", "64", "--hidden", "32", "--vocab", "1000"]
+        argv += ["--chunk", "64", "--repeats", "1"]
+    for _ in range(args.rounds):
+        for mode in results:
+            out = subprocess.run(
+                [sys.executable, __file__, *argv, "--mode", mode],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    unit = "MiB (CUDA allocated)" if args.device != "cpu" else "MiB (max RSS)"
+    print(
+        f"{args.framework} {args.device} {args.dtype}: {args.rows} x {args.seq} tokens, "
+        f"hidden {args.hidden}, vocab {args.vocab}, chunk {args.chunk}; "
+        f"best of {args.repeats} (+1 warm-up) x {args.rounds} rounds"
+    )
+    print(f"{'path':12} {'peak ' + unit:>26} {'growth':>10} {'time s':>9}")
+    summary = {}
+    for mode, runs in results.items():
+        peak = max(r["peak"] for r in runs)
+        growth = max(r["peak"] - r["base"] for r in runs)
+        best = min(r["time"] for r in runs)
+        summary[mode] = (peak, growth, best)
+        print(f"{mode:12} {peak:26.0f} {growth:10.0f} {best:9.3f}")
+    naive = summary["naive"]
+    for mode, (peak, growth, best) in summary.items():
+        if mode != "naive":
+            print(
+                f"{mode} / naive: peak {peak / naive[0]:.2f}, growth {growth / naive[1]:.2f}, "
+                f"time {best / naive[2]:.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
