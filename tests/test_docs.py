@@ -12,11 +12,15 @@ DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 
 def public_symbols():
     modules = {"prefopt": prefopt, "prefopt.metrics": prefopt.metrics}
-    for name in ("torch", "jax"):
+    for name in (
+        "prefopt.backends.torch",
+        "prefopt.backends.jax",
+        "prefopt.integrations.data",
+        "prefopt.integrations.transformers",
+        "prefopt.integrations.jax",
+    ):
         try:
-            modules[f"prefopt.backends.{name}"] = __import__(
-                f"prefopt.backends.{name}", fromlist=["_"]
-            )
+            modules[name] = __import__(name, fromlist=["_"])
         except ImportError:
             continue
     generated = set(getattr(modules.get("prefopt.backends.torch"), "LOSS_MODULES", {}))
@@ -49,7 +53,7 @@ def test_public_symbol_is_documented(path, name, obj):
 
 LOSS_FUNCTIONS = sorted(
     {prefopt.get_loss(n).__name__ for n in prefopt.available_losses()}
-    | {"mpo_split", "kto_kl", "combine_losses", "group_pairwise_loss"}
+    | {"mpo_split", "kto_kl", "combine_losses", "group_pairwise_loss", "batch_loss"}
 )
 
 
@@ -97,7 +101,16 @@ def test_readme_python_examples_run():
 
 
 @pytest.mark.parametrize(
-    "page", ["logps.md", "choosing.md", "metrics.md", "losses/group.md", "losses/kto.md"]
+    "page",
+    [
+        "logps.md",
+        "choosing.md",
+        "metrics.md",
+        "losses/group.md",
+        "losses/kto.md",
+        "training/trainer.md",
+        "training/jax.md",
+    ],
 )
 def test_docs_python_examples_run(page):
     import re

@@ -1,6 +1,11 @@
 """The losses, one module per family, and the registry that names them."""
 
-from prefopt.losses.compose import combine_losses, group_pairwise_loss, pairs_as_groups
+from prefopt.losses.compose import (
+    batch_loss,
+    combine_losses,
+    group_pairwise_loss,
+    pairs_as_groups,
+)
 from prefopt.losses.group import (
     infonca_loss,
     lipo_loss,
@@ -35,6 +40,7 @@ __all__ = [
     "apo_down_loss",
     "apo_zero_loss",
     "available_losses",
+    "batch_loss",
     "bco_pair_loss",
     "combine_losses",
     "cpo_loss",

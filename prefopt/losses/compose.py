@@ -259,6 +259,89 @@ def group_pairwise_loss(
     return loss
 
 
+def batch_loss(
+    loss: str,
+    logps: Array,
+    ref_logps: Array | None,
+    rewards: Array,
+    *,
+    mask: Array | None = None,
+    lengths: Array | None = None,
+    pairs: str = "all",
+    xp: ModuleType | None = None,
+    **options: Any,
+) -> Array:
+    r"""Any registered loss on a group batch, reduced to one training loss.
+
+    $$
+    L = \frac{1}{B}\sum_{b=1}^{B} \ell_b
+    $$
+
+    over all B groups, degenerate ones (loss 0) included: the mean of the losses of
+    equal-sized micro-batches, or of equal-sized per-device batches, is then exactly the
+    loss of the whole batch, so gradient accumulation and data parallelism give the
+    gradient of one large batch. Group losses take the groups as they are; pairwise and
+    reference-free losses run through [`group_pairwise_loss`][prefopt.group_pairwise_loss]
+    (pair rows, groups of two with rewards 1 and 0, give the plain pairwise loss), the
+    reference-free ones without ``ref_logps``, and those that take token counts with
+    ``lengths``. This is what the trainer integrations and ``prefopt train`` minimise.
+
+    Args:
+        loss: A registered name (``"mpo"``, ``"sigmoid"``...). ``"kto"`` is refused: it
+            needs unpaired data.
+        logps: (B, n) summed response log-probs under the policy.
+        ref_logps: (B, n) the same under the reference, or ``None``.
+        rewards: (B, n) rewards.
+        mask: (B, n) boolean, the real responses. Default ``None``: all.
+        lengths: (B, n) response token counts, for the losses that take lengths.
+            Default ``None``.
+        pairs: ``"all"`` (default) or ``"best_worst"``, for pairwise losses.
+        xp: The array namespace, if known.
+        **options: Options of the loss, e.g. ``beta=0.1``.
+
+    Returns:
+        A 0-d array.
+
+    References:
+        Gupta et al., "Multi-Preference Optimization", arXiv:2412.04628 (the group losses);
+        Goyal et al., "Accurate, Large Minibatch SGD", arXiv:1706.02677 (why equal-weight
+        per-replica means make data parallelism match one large batch).
+
+    Example:
+        >>> import numpy as np, prefopt
+        >>> logps = np.array([[-4.0, -6.0, -5.0], [-3.0, -3.5, -9.0]])
+        >>> rewards = np.array([[1.0, 0.0, 0.5], [2.0, 2.0, 2.0]])  # group 2: degenerate
+        >>> per_group = prefopt.mpo_loss(logps, None, rewards)
+        >>> bool(prefopt.batch_loss("mpo", logps, None, rewards) == per_group.sum() / 2)
+        True
+    """
+    fn = "batch_loss"
+    found = entry(loss, fn)
+    if found.kind == "unpaired":
+        raise ValueError(f"{fn}: {loss!r} needs unpaired data, not groups or pairs")
+    xp = get_namespace(logps, ref_logps, rewards, mask, lengths, xp=xp)
+    if found.kind == "group":
+        per_group = found.fn(logps, ref_logps, rewards, mask=mask, xp=xp, **options)
+    else:
+        takes_lengths = "chosen_lengths" in _parameters(found.fn)[0]
+        if takes_lengths and lengths is None:
+            raise ValueError(f"{fn}: {loss!r} needs lengths (response token counts)")
+        if takes_lengths and mask is not None:
+            lengths = xp.where(mask, lengths, 1.0)  # padding slots: any positive count
+        per_group = group_pairwise_loss(
+            loss,
+            logps,
+            None if found.kind == "reference-free" else ref_logps,
+            rewards,
+            mask=mask,
+            lengths=lengths if takes_lengths else None,
+            pairs=pairs,
+            xp=xp,
+            **options,
+        )
+    return xp.sum(per_group) / per_group.shape[0]
+
+
 def pairs_as_groups(
     chosen_logps: Array,
     rejected_logps: Array,

@@ -1,0 +1,129 @@
+"""The ``prefopt`` command: ``prefopt train [options]`` (see ``prefopt train --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE; got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    from prefopt.train import Config
+
+    d = Config()
+    top = _Parser(prog="prefopt", description="Preference-optimization losses and training.")
+    sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser(
+        "train",
+        help="on-policy (default) or offline preference training",
+        description="Sample --responses responses per prompt from the current policy, score "
+        "them, update with --loss, repeat; or, with --data, train offline on JSONL rows. "
+        "Without --model: a tiny built-in LM and task (no download).",
+    )
+    p.add_argument("--model", help="a local Hugging Face causal LM checkpoint directory")
+    p.add_argument(
+        "--data",
+        help="JSONL of group rows {prompt, responses, rewards} or pair "
+        "rows {prompt, chosen, rejected}: offline training",
+    )
+    p.add_argument("--loss", default=d.loss, help=f"a registered loss name (default {d.loss})")
+    p.add_argument(
+        "--responses",
+        type=int,
+        default=d.responses,
+        help=f"responses sampled per prompt (default {d.responses})",
+    )
+    p.add_argument(
+        "--prompts", type=int, default=d.prompts, help=f"prompts per step (default {d.prompts})"
+    )
+    p.add_argument("--beta", type=float, default=d.beta, help=f"default {d.beta}")
+    p.add_argument("--alpha", type=float, default=d.alpha, help=f"MPO's alpha (default {d.alpha})")
+    p.add_argument(
+        "--option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another option of the loss, e.g. label_smoothing=0.1 (repeatable)",
+    )
+    p.add_argument(
+        "--pairs",
+        choices=["all", "best_worst"],
+        default=d.pairs,
+        help="pairwise losses on groups: all chosen/rejected pairs or best vs worst",
+    )
+    p.add_argument("--steps", type=int, default=d.steps, help=f"default {d.steps}")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
+    p.add_argument("--output", default=d.output, help=f"output directory (default {d.output})")
+    p.add_argument("--resume", action="store_true", help="continue from --output's checkpoint")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help=f"default {d.eval_every}")
+    p.add_argument("--save-every", type=int, default=d.save_every, help=f"default {d.save_every}")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``prefopt``; user errors print one line and return exit status 2."""
+    args = parser().parse_args(argv)
+    import transformers
+
+    from prefopt.train import Config, UserError, run
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    config = Config(
+        model=args.model,
+        data=args.data,
+        loss=args.loss,
+        responses=args.responses,
+        prompts=args.prompts,
+        beta=args.beta,
+        alpha=args.alpha,
+        extra=dict(args.option),
+        pairs=args.pairs,
+        steps=args.steps,
+        lr=args.lr,
+        seed=args.seed,
+        output=args.output,
+        resume=args.resume,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        progress=not args.no_progress,
+    )
+    try:
+        records = run(config)
+    except UserError as err:
+        print(f"prefopt train: error: {err}", file=sys.stderr)
+        return 2
+    last = records[-1] if records else {}
+    summary = f"done: {len(records)} steps; outputs in {config.output}/"
+    if "heldout_reward" in last:
+        start = records[0].get("heldout_reward_start")
+        summary += (
+            f" held-out reward {start:.3f} -> {last['heldout_reward']:.3f}"
+            if start is not None
+            else ""
+        )
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

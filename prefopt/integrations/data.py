@@ -1,0 +1,109 @@
+"""Preference rows to padded arrays, shared by the PyTorch and JAX integrations (NumPy only)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["collate_ids", "group_rows"]
+
+IGNORE = -100
+
+
+def group_rows(row: dict[str, Any], where: str = "row") -> tuple[str, list[str], list[float]]:
+    """``(prompt, responses, rewards)`` of a group or pair row; raises ``ValueError`` on a bad one.
+
+    Args:
+        row: ``{"prompt", "responses", "rewards"}`` or ``{"prompt", "chosen", "rejected"}``.
+        where: How to name the row in an error (e.g. ``"data.jsonl:7"``).
+
+    Returns:
+        The prompt, the responses and one finite float reward per response.
+    """
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        raise ValueError(f"{where}: a row needs a string 'prompt'")
+    if "chosen" in row or "rejected" in row:
+        if not (isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str)):
+            raise ValueError(f"{where}: a pair row needs strings 'chosen' and 'rejected'")
+        return row["prompt"], [row["chosen"], row["rejected"]], [1.0, 0.0]
+    responses, rewards = row.get("responses"), row.get("rewards")
+    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+        raise ValueError(
+            f"{where}: a group row needs 'responses', a list of strings "
+            "(or 'chosen' and 'rejected' for a pair)"
+        )
+    if not isinstance(rewards, list) or len(rewards) != len(responses):
+        got = len(rewards) if isinstance(rewards, list) else type(rewards).__name__
+        raise ValueError(
+            f"{where}: 'rewards' must be a list with one number per response; "
+            f"got {len(responses)} responses and {got} rewards"
+        )
+    try:
+        rewards = [float(r) for r in rewards]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: rewards must be numbers; got {row['rewards']!r}") from None
+    if not all(math.isfinite(r) for r in rewards):
+        raise ValueError(f"{where}: rewards must be finite; got {row['rewards']!r}")
+    if not responses:
+        raise ValueError(f"{where}: a group row needs at least one response")
+    return row["prompt"], responses, rewards
+
+
+def collate_ids(
+    groups: Sequence[tuple[list[int], list[list[int]], list[float]]],
+    pad_id: int,
+    max_length: int | None = None,
+    ref_logps: Sequence[Sequence[float]] | None = None,
+) -> dict[str, np.ndarray]:
+    """Pad token-id groups ``(prompt_ids, [response_ids...], rewards)`` into NumPy arrays.
+
+    Args:
+        groups: Per prompt: its token ids, the token ids of each response (eos included
+            if wanted), and one reward per response.
+        pad_id: The token id of padding.
+        max_length: Keep at most the last ``max_length`` tokens of each sequence.
+        ref_logps: Per prompt, one reference log-prob per response, or ``None``.
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``labels`` (B, n, T) int64 (labels -100 on
+        prompt and padding), ``rewards`` (B, n) float32, ``mask`` (B, n) bool, and
+        ``ref_logps`` (B, n) float32 when given.
+    """
+    B = len(groups)
+    n = max(len(g[1]) for g in groups)
+    seqs = [[(g[0] + r) for r in g[1]] for g in groups]
+    if max_length is not None:
+        seqs = [[s[-max_length:] for s in group] for group in seqs]
+    T = max(len(s) for group in seqs for s in group)
+    input_ids = np.full((B, n, T), pad_id, dtype=np.int64)
+    attention = np.zeros((B, n, T), dtype=np.int64)
+    labels = np.full((B, n, T), IGNORE, dtype=np.int64)
+    rewards = np.zeros((B, n), dtype=np.float32)
+    mask = np.zeros((B, n), dtype=bool)
+    for b, (_, responses, rs) in enumerate(groups):
+        for i, seq in enumerate(seqs[b]):
+            length = len(seq)
+            response = len(responses[i])
+            input_ids[b, i, :length] = seq
+            attention[b, i, :length] = 1
+            first = max(length - response, 0)
+            labels[b, i, first:length] = input_ids[b, i, first:length]
+            rewards[b, i] = rs[i]
+            mask[b, i] = True
+        attention[b, len(seqs[b]) :, 0] = 1  # padding responses: one attended token, no label
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "labels": labels,
+        "rewards": rewards,
+        "mask": mask,
+    }
+    if ref_logps is not None:
+        ref = np.zeros((B, n), dtype=np.float32)
+        for b, values in enumerate(ref_logps):
+            ref[b, : len(values)] = [float(v) for v in values]
+        batch["ref_logps"] = ref
+    return batch

@@ -1,0 +1,125 @@
+"""JAX integration: the loss and metrics of a group batch, and an optax train step.
+
+Batches are dicts of arrays as :func:`prefopt.integrations.data.collate_ids` makes them:
+``input_ids``, ``attention_mask`` and ``labels`` (B, n, T), ``rewards`` and ``mask``
+(B, n), and optionally ``ref_logps`` (B, n). Under data parallelism shard them over the
+batch axis only (``prefopt.backends.jax.shard_batch``): a group must stay on one device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+import prefopt
+
+__all__ = ["loss_and_metrics", "make_train_step"]
+
+
+def loss_and_metrics(
+    params: Any,
+    batch: dict[str, Any],
+    *,
+    apply_fn: Callable[[Any, Any, Any], Any],
+    loss: str = "mpo",
+    pairs: str = "all",
+    **options: Any,
+) -> tuple[Any, dict[str, Any]]:
+    r"""The training loss of a group batch and its metrics, for ``jax.value_and_grad``.
+
+    ``apply_fn(params, input_ids, attention_mask)`` returns the logits (B·n, T, V) of the
+    B·n flattened sequences. Their response log-probs (prompt and padding tokens carry label
+    -100 and count for nothing) go to [`prefopt.batch_loss`][prefopt.batch_loss]: the
+    mean over groups $\frac{1}{B}\sum_b \ell_b$, whose gradient is the same however the
+    batch is split over devices. The reference log-probs come from ``batch["ref_logps"]``
+    (precomputed) or are left out (reference-free).
+
+    Args:
+        params: The model parameters (a pytree).
+        batch: The group batch (see the module docstring).
+        apply_fn: ``(params, input_ids, attention_mask) -> logits``.
+        loss: A registered loss name. Default ``"mpo"``.
+        pairs: ``"all"`` (default) or ``"best_worst"``, for pairwise losses.
+        **options: Options of the loss (``beta``, ``alpha``...).
+
+    Returns:
+        ``(loss, metrics)``: a 0-d array and the dict of
+        [`prefopt.metrics.group_metrics`][prefopt.metrics.group_metrics].
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> from prefopt.integrations.jax import loss_and_metrics
+        >>> def apply_fn(params, ids, attention):
+        ...     return jnp.take(params["embed"], ids, axis=0) @ params["out"]
+        >>> params = {"embed": jnp.ones((16, 8)), "out": jnp.ones((8, 16))}
+        >>> ids = jnp.zeros((2, 3, 5), int)
+        >>> batch = {"input_ids": ids, "attention_mask": ids + 1, "labels": ids + 1,
+        ...          "rewards": jnp.ones((2, 3)), "mask": jnp.ones((2, 3), bool)}
+        >>> (value, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(
+        ...     params, batch, apply_fn=apply_fn)
+    """
+    B, n, T = batch["input_ids"].shape
+    logits = apply_fn(
+        params,
+        batch["input_ids"].reshape(B * n, T),
+        batch["attention_mask"].reshape(B * n, T),
+    )
+    logps, lengths = prefopt.causal_lm_logps(logits, batch["labels"].reshape(B * n, T))
+    logps, lengths = logps.reshape(B, n), lengths.reshape(B, n)
+    ref = batch.get("ref_logps")
+    value = prefopt.batch_loss(
+        loss,
+        logps,
+        ref,
+        batch["rewards"],
+        mask=batch["mask"],
+        lengths=lengths,
+        pairs=pairs,
+        **options,
+    )
+    metrics = prefopt.metrics.group_metrics(
+        jax.lax.stop_gradient(logps),
+        ref,
+        batch["rewards"],
+        mask=batch["mask"],
+        beta=options.get("beta", 0.1),
+    )
+    return value, metrics
+
+
+def make_train_step(
+    apply_fn: Callable[[Any, Any, Any], Any],
+    optimizer: Any,
+    *,
+    loss: str = "mpo",
+    pairs: str = "all",
+    **options: Any,
+) -> Callable:
+    """A jitted optax train step on group batches.
+
+    Args:
+        apply_fn: ``(params, input_ids, attention_mask) -> logits``.
+        optimizer: An ``optax.GradientTransformation``.
+        loss: A registered loss name. Default ``"mpo"``.
+        pairs: ``"all"`` (default) or ``"best_worst"``, for pairwise losses.
+        **options: Options of the loss.
+
+    Returns:
+        ``step(params, opt_state, batch) -> (params, opt_state, loss, metrics)``, jitted.
+        Given a batch sharded over devices (``shard_batch``) and replicated parameters it
+        runs data-parallel; the result equals the single-device one.
+    """
+    import optax
+
+    prefopt.get_loss(loss)  # an unknown name fails here, not inside the trace
+
+    def step(params, opt_state, batch):
+        (value, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(
+            params, batch, apply_fn=apply_fn, loss=loss, pairs=pairs, **options
+        )
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value, metrics
+
+    return jax.jit(step)

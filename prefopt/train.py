@@ -1,0 +1,412 @@
+"""``prefopt train``: on-policy or offline preference training.
+
+On-policy: sample n responses per prompt, score them, update with a registered loss,
+repeat. Offline: train over a JSONL file of group or pair rows. With no arguments it runs
+a built-in task: a tiny causal LM made from a config (random weights, no download) learns
+to repeat the last letter of its prompt.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import prefopt
+from prefopt.integrations.data import collate_ids, group_rows
+from prefopt.integrations.transformers import PreferenceCollator, batch_logps
+from prefopt.losses.registry import entry
+
+LETTERS = list("abcdefgh")
+VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", "copy:", *LETTERS]
+
+
+class UserError(Exception):
+    """A mistake in the command line or the data: reported in one line, exit status 2."""
+
+
+@dataclass
+class Config:
+    """The settings of a run (the command-line options)."""
+
+    model: str | None = None
+    data: str | None = None
+    loss: str = "mpo"
+    responses: int = 8
+    beta: float = 0.1
+    alpha: float = 1.0
+    steps: int = 600
+    seed: int = 0
+    output: str = "prefopt-run"
+    resume: bool = False
+    lr: float = 3e-3
+    prompts: int = 8
+    response_tokens: int = 6
+    eval_every: int = 50
+    save_every: int = 100
+    pairs: str = "all"
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+# ---- the built-in task -------------------------------------------------------------------
+
+
+def builtin_tokenizer():
+    """A word-level tokenizer over ``VOCAB``, written in code (nothing is downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+    )
+
+
+def builtin_model(tokenizer, seed: int):
+    """A 2-layer, 64-wide Llama with random weights (about 0.1 M parameters)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def copy_task_prompts(seed: int = 0) -> tuple[list[str], list[str]]:
+    """Prompts ``"copy: x y"``: 48 for training, 16 held out (never trained on)."""
+    prompts = [f"copy: {x} {y}" for x in LETTERS for y in LETTERS]
+    random.Random(seed).shuffle(prompts)
+    return prompts[16:], prompts[:16]
+
+
+def copy_task_reward(prompt: str, response: str, length: int = 6) -> float:
+    """Share of the first ``length`` response words equal to the prompt's last letter."""
+    target = prompt.split()[-1]
+    words = response.split()[:length]
+    return sum(w == target for w in words) / length
+
+
+# ---- the loop ----------------------------------------------------------------------------
+
+
+def load_model(config: Config):
+    """Policy, tokenizer: the built-in ones, or a local Hugging Face checkpoint."""
+    if config.model is None:
+        tokenizer = builtin_tokenizer()
+        return builtin_model(tokenizer, config.seed), tokenizer
+    path = Path(config.model)
+    if not path.is_dir():
+        raise UserError(f"--model: no such directory: {config.model}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"--model {config.model}: not a causal LM checkpoint ({first})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def read_rows(path: str) -> list[dict[str, Any]]:
+    """The rows of a JSONL file, each checked; errors name the file and the line."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--data: no such file: {path}")
+    rows = []
+    with file.open() as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{where}: not valid JSON ({err.msg})") from None
+            try:
+                group_rows(row, where)
+            except ValueError as err:
+                raise UserError(str(err)) from None
+            rows.append(row)
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    return rows
+
+
+def check(config: Config) -> None:
+    """Reject bad options before anything is loaded."""
+    try:
+        found = entry(config.loss, "--loss")
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if found.kind == "unpaired":
+        raise UserError("--loss kto needs unpaired data; prefopt train uses groups or pairs")
+    if found.couples_batch:
+        raise UserError(f"--loss {config.loss} sorts across the batch; it cannot run on groups")
+    for name in ("responses", "steps", "prompts", "response_tokens", "eval_every", "save_every"):
+        if getattr(config, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(config, name)}")
+    if config.responses < 2 and config.data is None:
+        raise UserError(f"--responses must be >= 2 to compare responses; got {config.responses}")
+    for name in ("beta", "lr"):
+        if not 0 < getattr(config, name) < math.inf:
+            raise UserError(f"--{name} must be a finite number > 0; got {getattr(config, name)}")
+    allowed = prefopt.losses.compose._parameters(found.fn)[1] - {"mask", "chosen", "lengths"}
+    unknown = sorted(set(config.extra) - allowed)
+    if unknown:
+        raise UserError(f"--option: {config.loss} takes no {unknown}; it takes {sorted(allowed)}")
+
+
+def loss_options(config: Config) -> dict[str, Any]:
+    """The options of the chosen loss that the command line sets."""
+    options = {"beta": config.beta}
+    if config.loss == "mpo":
+        options["alpha"] = config.alpha
+    return {**options, **config.extra}
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], n: int, tokens: int):
+    """``n`` sampled responses per prompt: ``(prompt_ids, [response_ids...])`` per prompt."""
+    pad = tokenizer.pad_token_id
+    encoded = [
+        [tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False)["input_ids"]]
+        for p in prompts
+    ]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for i, e in enumerate(encoded):  # left padding: generation continues every prompt at its end
+        ids[i, width - len(e) :] = torch.tensor(e)
+        attention[i, width - len(e) :] = 1
+    model.eval()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=attention,
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        max_new_tokens=tokens,
+        num_return_sequences=n,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+    )[:, width:]
+    model.train()
+    groups = []
+    for i, prompt_ids in enumerate(encoded):
+        responses = []
+        for row in out[i * n : (i + 1) * n].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id) + 1]
+            responses.append(row)
+        groups.append((prompt_ids, responses))
+    return groups
+
+
+def evaluate(model, tokenizer, prompts: list[str], config: Config, step: int) -> float:
+    """Mean reward of 4 sampled responses for each held-out prompt.
+
+    Sampled with its own seed: an evaluation never changes the training that follows, so
+    a resumed run matches an uninterrupted one wherever it evaluated.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed * 100_003 + step)
+        groups = sample(model, tokenizer, prompts, 4, config.response_tokens)
+    rewards = [
+        copy_task_reward(p, tokenizer.decode(r, skip_special_tokens=True), config.response_tokens)
+        for p, (_, responses) in zip(prompts, groups)
+        for r in responses
+    ]
+    return sum(rewards) / len(rewards)
+
+
+def run(config: Config) -> list[dict[str, Any]]:
+    """Train as ``config`` says; returns the logged records (one per step)."""
+    check(config)
+    rows = read_rows(config.data) if config.data else None
+    out = Path(config.output)
+    state_file = out / "checkpoint" / "state.pt"
+    if config.resume and not state_file.is_file():
+        raise UserError(f"--resume: no checkpoint in {out}")
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_model(config)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    picker = random.Random(config.seed)
+    records: list[dict[str, Any]] = []
+    start = 0
+    if config.resume:
+        state = torch.load(state_file, weights_only=False)
+        model.load_state_dict(state["model"])
+        reference.load_state_dict(state["reference"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        picker.setstate(state["picker"])
+        records, start = state["records"], state["step"]
+    out.mkdir(parents=True, exist_ok=True)
+    collator = PreferenceCollator(tokenizer) if rows else None
+    train_prompts, heldout = copy_task_prompts(config.seed)
+    options = loss_options(config)
+    progress = _progress(config, start)
+    model.train()
+    for step in range(start, config.steps):
+        record: dict[str, Any] = {"step": step + 1}
+        if rows is None:
+            if step == 0:
+                record["heldout_reward_start"] = evaluate(model, tokenizer, heldout, config, 0)
+            prompts = [picker.choice(train_prompts) for _ in range(config.prompts)]
+            groups = sample(model, tokenizer, prompts, config.responses, config.response_tokens)
+            scored = []
+            for prompt, (prompt_ids, responses) in zip(prompts, groups):
+                texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+                rewards = [copy_task_reward(prompt, t, config.response_tokens) for t in texts]
+                scored.append((prompt_ids, responses, rewards))
+            batch = {
+                k: torch.from_numpy(v)
+                for k, v in collate_ids(scored, tokenizer.pad_token_id).items()
+            }
+            record["reward"] = float(batch["rewards"][batch["mask"]].mean())
+        else:
+            batch = collator([picker.choice(rows) for _ in range(config.prompts)])
+        logps, lengths = batch_logps(model, batch)
+        ref = batch.get("ref_logps")
+        if ref is None:
+            with torch.no_grad():
+                ref, _ = batch_logps(reference, batch)
+        if entry(config.loss).kind == "reference-free":
+            ref = None
+        loss = prefopt.batch_loss(
+            config.loss,
+            logps,
+            ref,
+            batch["rewards"],
+            mask=batch["mask"],
+            lengths=lengths,
+            pairs=config.pairs,
+            **options,
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        record["loss"] = loss.item()
+        metrics = prefopt.metrics.group_metrics(
+            logps.detach(), ref, batch["rewards"], mask=batch["mask"], beta=config.beta
+        )
+        record.update({k: float(v) for k, v in metrics.items()})
+        last = step + 1 == config.steps
+        if rows is None and ((step + 1) % config.eval_every == 0 or last):
+            record["heldout_reward"] = evaluate(model, tokenizer, heldout, config, step + 1)
+        records.append(record)
+        progress.update(record)
+        if (step + 1) % config.save_every == 0 or last:
+            _save(out, model, reference, optimizer, picker, records, step + 1, config, tokenizer)
+    progress.close()
+    _write_outputs(out, records)
+    return records
+
+
+def _save(out, model, reference, optimizer, picker, records, step, config, tokenizer):
+    (out / "checkpoint").mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": model.state_dict(),
+        "reference": reference.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "picker": picker.getstate(),
+        "records": records,
+        "step": step,
+        "config": asdict(config),
+    }
+    torch.save(state, out / "checkpoint" / "state.tmp")
+    (out / "checkpoint" / "state.tmp").replace(out / "checkpoint" / "state.pt")
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    _write_outputs(out, records)
+
+
+def _write_outputs(out: Path, records: list[dict[str, Any]]) -> None:
+    with (out / "metrics.jsonl").open("w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    plot(records, out / "training.png")
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    """Reward (sampled and held-out) and loss over steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    if any("reward" in r for r in records):
+        top.plot(
+            steps, [r.get("reward", math.nan) for r in records], alpha=0.5, label="sampled (train)"
+        )
+        held = [(r["step"], r["heldout_reward"]) for r in records if "heldout_reward" in r]
+        start = [r["heldout_reward_start"] for r in records if "heldout_reward_start" in r]
+        if start:
+            held = [(0, start[0]), *held]
+        if held:
+            top.plot(*zip(*held), "o-", label="held-out prompts")
+        top.set_ylabel("reward")
+    else:
+        top.plot(steps, [r["rewards/margins"] for r in records], label="implicit reward margin")
+        top.set_ylabel("margin")
+    top.legend()
+    bottom.plot(steps, [r["loss"] for r in records])
+    bottom.set_ylabel("loss")
+    bottom.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class _progress:
+    """A tqdm bar with the latest reward and loss; silent when ``progress`` is off."""
+
+    def __init__(self, config: Config, start: int):
+        self.bar = None
+        if config.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=config.steps, initial=start, desc="prefopt train", unit="step")
+
+    def update(self, record: dict[str, Any]) -> None:
+        if self.bar is not None:
+            shown = {
+                k: f"{record[k]:.3f}" for k in ("loss", "reward", "heldout_reward") if k in record
+            }
+            self.bar.set_postfix(shown, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

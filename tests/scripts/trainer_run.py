@@ -1,0 +1,69 @@
+"""Train the tiny built-in model with PreferenceTrainer for a few steps and save the result.
+
+Run directly for one process, or under ``torchrun --nproc_per_node 2`` for data parallelism
+(gloo on CPU); ``--batch`` is the per-process batch size. Rank 0 writes ``result.pt``
+(parameters and logged losses) to ``--out``.
+"""
+
+import argparse
+import os
+
+import torch
+import transformers
+
+from prefopt.integrations.transformers import PreferenceCollator, PreferenceTrainer
+from prefopt.train import builtin_model, builtin_tokenizer
+
+ROWS = [
+    {"prompt": f"copy: {a} {b}", "responses": [f"{b} {b}", a, f"{b} c d", b][: 2 + i % 3],
+     "rewards": [1.0, 0.0, 0.3, 0.8][: 2 + i % 3]}
+    for i, (a, b) in enumerate(zip("abcdefghabcdefgh", "hgfedcbaabcdefgh"))
+]  # fmt: skip
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--loss", default="mpo")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    transformers.logging.set_verbosity_error()
+    tok = builtin_tokenizer()
+    training = transformers.TrainingArguments(
+        output_dir=os.path.join(args.out, "trainer"),
+        per_device_train_batch_size=args.batch,
+        max_steps=args.steps,
+        learning_rate=0.05,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        remove_unused_columns=False,
+        report_to=[],
+        logging_steps=1,
+        use_cpu=True,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        seed=0,
+        data_seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = PreferenceTrainer(
+        model=builtin_model(tok, 0),
+        ref_model=builtin_model(tok, 1),
+        loss=args.loss,
+        args=training,
+        train_dataset=ROWS,
+        data_collator=PreferenceCollator(tok),
+    )
+    trainer.train()
+    if trainer.is_world_process_zero():
+        params = torch.cat([p.detach().ravel() for p in trainer.model.parameters()])
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        torch.save(
+            {"params": params, "losses": losses, "world": trainer.args.world_size},
+            os.path.join(args.out, "result.pt"),
+        )
+
+
+if __name__ == "__main__":
+    main()
