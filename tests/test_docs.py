@@ -18,6 +18,7 @@ def public_symbols():
         "prefopt.integrations.data",
         "prefopt.integrations.transformers",
         "prefopt.integrations.jax",
+        "prefopt.experiments",
     ):
         try:
             modules[name] = __import__(name, fromlist=["_"])
