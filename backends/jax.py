@@ -125,21 +125,9 @@ def fused_linear_logps(
     """
     import jax.numpy as jnp
 
-    fn = "fused_linear_logps"
-    if hidden.ndim < 1 or weight.ndim != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"{fn}: weight must have shape (V, H) with H = hidden.shape[-1] = "
-            f"{hidden.shape[-1] if hidden.ndim else None}; got weight {tuple(weight.shape)}"
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(
-            f"{fn}: bias must have shape ({weight.shape[0]},); got {tuple(bias.shape)}"
-        )
-    if chunk_size < 1:
-        raise ValueError(f"{fn}: chunk_size must be >= 1; got {chunk_size}")
-    from prefopt.logps import _check_labels
+    from prefopt.logps import check_fused_inputs
 
-    _check_labels(fn, labels, tuple(hidden.shape[:-1]), weight.shape[0], ignore_index, jnp)
+    check_fused_inputs(hidden, weight, bias, labels, chunk_size, ignore_index, jnp)
     lead, width = hidden.shape[:-1], hidden.shape[-1]
     dtype = jnp.promote_types(hidden.dtype, jnp.float32)
     h = hidden.reshape(-1, width)

@@ -310,21 +310,9 @@ def fused_linear_logps(
         >>> labels = torch.randint(0, 100, (2, 5))
         >>> fused_linear_logps(hidden, weight, labels).sum().backward()
     """
-    fn = "fused_linear_logps"
-    if hidden.ndim < 1 or weight.ndim != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"{fn}: weight must have shape (V, H) with H = hidden.shape[-1] = "
-            f"{hidden.shape[-1] if hidden.ndim else None}; got weight {tuple(weight.shape)}"
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(
-            f"{fn}: bias must have shape ({weight.shape[0]},); got {tuple(bias.shape)}"
-        )
-    if chunk_size < 1:
-        raise ValueError(f"{fn}: chunk_size must be >= 1; got {chunk_size}")
-    from prefopt.logps import _check_labels
+    from prefopt.logps import check_fused_inputs
 
-    _check_labels(fn, labels, tuple(hidden.shape[:-1]), weight.shape[0], ignore_index, torch_xp)
+    check_fused_inputs(hidden, weight, bias, labels, chunk_size, ignore_index, torch_xp)
     lead = hidden.shape[:-1]
     flat_labels = labels.reshape(-1)
     valid = flat_labels != ignore_index

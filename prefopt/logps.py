@@ -38,6 +38,23 @@ def _check_labels(fn: str, labels: Array, lead: tuple, vocab: int, ignore_index,
             )
 
 
+def check_fused_inputs(hidden, weight, bias, labels, chunk_size, ignore_index, xp) -> None:
+    """Shapes and labels of ``fused_linear_logps`` (both backends)."""
+    fn = "fused_linear_logps"
+    if hidden.ndim < 1 or weight.ndim != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{fn}: weight must have shape (V, H) with H = hidden.shape[-1] = "
+            f"{hidden.shape[-1] if hidden.ndim else None}; got weight {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"{fn}: bias must have shape ({weight.shape[0]},); got {tuple(bias.shape)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"{fn}: chunk_size must be >= 1; got {chunk_size}")
+    _check_labels(fn, labels, tuple(hidden.shape[:-1]), weight.shape[0], ignore_index, xp)
+
+
 def token_logps(
     logits: Array,
     labels: Array,

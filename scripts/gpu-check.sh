@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check (issue 2): the parity suite with torch on CUDA and JAX on the GPU, then the loss
-# benchmark on the GPU. Meant to finish in under 5 minutes on one H100/H200.
+# GPU check (issues 2-4): the parity suite with torch on CUDA and JAX on the GPU, then the
+# loss and log-prob benchmarks on the GPU. Meant to finish in under 5 minutes on one H100/H200.
 #
 # The lent GPU machine has torch and jax but not array-api-compat / array-api-strict; carry
 # them as wheels (pure Python). Here, once, in the repository root:
@@ -33,8 +33,28 @@ cd "$stage"
 
   echo "== parity suite: torch-cuda and jax-gpu"
   PREFOPT_BACKENDS=torch-cuda,jax-gpu timeout 300 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_dpo.py tests/test_mpo.py tests/test_ops.py
+    tests/test_dpo.py tests/test_mpo.py tests/test_ops.py tests/test_catalogue.py
+
+  echo "== fused log-probs on CUDA: values and gradients against the naive path"
+  timeout 120 python3 - <<'PY'
+import torch, prefopt
+from prefopt.backends.torch import fused_linear_logps
+torch.manual_seed(0)
+h = torch.randn(4, 256, 512, device="cuda", dtype=torch.float64, requires_grad=True)
+w = torch.randn(1000, 512, device="cuda", dtype=torch.float64, requires_grad=True)
+y = torch.randint(0, 1000, (4, 256), device="cuda")
+a = fused_linear_logps(h, w, y, chunk_size=300); a.sum().backward(); ga = (h.grad, w.grad)
+h.grad = w.grad = None
+b = prefopt.token_logps(h @ w.T, y); b.sum().backward()
+for x, z in zip((a, *ga), (b, h.grad, w.grad)):
+    torch.testing.assert_close(x, z, rtol=1e-10, atol=1e-10)
+print("fused == naive on CUDA (float64)")
+PY
 
   echo "== benchmark: torch on CUDA (eager, compile), jax.jit on the GPU"
   timeout 200 python3 benchmarks/bench_losses.py --device cuda
+
+  echo "== log-probs: naive vs fused, bf16, vocabulary 128k, on CUDA"
+  timeout 200 python3 benchmarks/bench_logps.py --device cuda --dtype bfloat16 --vocab 128256 \
+    --rows 16 --seq 512 --hidden 2048 --chunk 2048 --repeats 3 --rounds 1
 } 2>&1 | tee "$out/gpu-check.log"
