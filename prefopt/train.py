@@ -194,10 +194,8 @@ def loss_options(config: Config) -> dict[str, Any]:
 def sample(model, tokenizer, prompts: list[str], n: int, tokens: int):
     """``n`` sampled responses per prompt: ``(prompt_ids, [response_ids...])`` per prompt."""
     pad = tokenizer.pad_token_id
-    encoded = [
-        [tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False)["input_ids"]]
-        for p in prompts
-    ]
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    encoded = [[*bos, *tokenizer(p, add_special_tokens=False)["input_ids"]] for p in prompts]
     width = max(len(e) for e in encoded)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     attention = torch.zeros_like(ids)
@@ -295,12 +293,12 @@ def run(config: Config) -> list[dict[str, Any]]:
         else:
             batch = collator([picker.choice(rows) for _ in range(config.prompts)])
         logps, lengths = batch_logps(model, batch)
-        ref = batch.get("ref_logps")
-        if ref is None:
-            with torch.no_grad():
-                ref, _ = batch_logps(reference, batch)
-        if entry(config.loss).kind == "reference-free":
-            ref = None
+        ref = None
+        if entry(config.loss).kind != "reference-free":
+            ref = batch.get("ref_logps")
+            if ref is None:
+                with torch.no_grad():
+                    ref, _ = batch_logps(reference, batch)
         loss = prefopt.batch_loss(
             config.loss,
             logps,

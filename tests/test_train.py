@@ -198,6 +198,8 @@ def test_offline_training_on_jsonl_and_a_local_model(tmp_path, tok):
     data.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
     records = run(small(tmp_path, "offline", data=str(data), loss="sigmoid", steps=2))
     assert len(records) == 2 and "reward" not in records[0]
+    records = run(small(tmp_path, "simpo", data=str(data), loss="simpo", steps=2))
+    assert records[0]["rewards/chosen"] != 0.0  # no reference: the log-probs themselves
     model_dir = tmp_path / "model"
     tiny(tok).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
