@@ -7,7 +7,6 @@ namespace explicitly (no lookup per call) and trace under
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +14,7 @@ import array_api_compat.torch as torch_xp
 import torch
 
 import prefopt
-from prefopt.losses.registry import entries, entry
+from prefopt.losses.registry import entries, entry, parameters
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -71,11 +70,7 @@ class PreferenceLoss(torch.nn.Module):
             )
         if reduction not in REDUCTIONS:
             raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}; got {reduction!r}")
-        allowed = {
-            p.name
-            for p in inspect.signature(self.loss_fn).parameters.values()
-            if p.kind is p.KEYWORD_ONLY and p.name != "xp"
-        }
+        _, allowed = parameters(self.loss_fn)
         unknown = sorted(set(options) - allowed)
         if unknown:
             raise TypeError(

@@ -21,7 +21,7 @@ import torch
 import prefopt
 from prefopt.integrations.data import collate_ids, group_rows
 from prefopt.integrations.transformers import PreferenceCollator, batch_logps
-from prefopt.losses.registry import entry
+from prefopt.losses.registry import entry, parameters
 
 LETTERS = list("abcdefgh")
 VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", "copy:", *LETTERS]
@@ -176,7 +176,7 @@ def check(config: Config) -> None:
     for name in ("beta", "lr"):
         if not 0 < getattr(config, name) < math.inf:
             raise UserError(f"--{name} must be a finite number > 0; got {getattr(config, name)}")
-    allowed = prefopt.losses.compose._parameters(found.fn)[1] - {"mask", "chosen", "lengths"}
+    allowed = parameters(found.fn)[1] - {"mask", "chosen", "lengths"}
     unknown = sorted(set(config.extra) - allowed)
     if unknown:
         raise UserError(f"--option: {config.loss} takes no {unknown}; it takes {sorted(allowed)}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Mapping
 from types import ModuleType
@@ -12,8 +11,8 @@ from array_api_compat import device
 
 from prefopt import _checks
 from prefopt._ops import Array, get_namespace
-from prefopt.losses.group import _group_rewards, _visible_nan, group_inputs, split
-from prefopt.losses.registry import LossEntry, entry
+from prefopt.losses.group import group_inputs, nan_where_unchecked, split
+from prefopt.losses.registry import LossEntry, entry, parameters
 
 # The arrays each layout passes positionally, in order.
 _POSITIONAL = {
@@ -22,13 +21,6 @@ _POSITIONAL = {
     "group": ("logps", "ref_logps", "rewards"),
 }
 _LAYOUT = {"pairwise": "pair", "reference-free": "pair", "unpaired": "unpaired", "group": "group"}
-
-
-def _parameters(fn: Callable) -> tuple[set[str], set[str]]:
-    """(all parameter names, keyword-only option names) of a loss function."""
-    params = inspect.signature(fn).parameters.values()
-    options = {p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "xp"}
-    return {p.name for p in params}, options
 
 
 def combine_losses(
@@ -90,7 +82,7 @@ def combine_losses(
     for name, weight in weights.items():
         found: LossEntry = entry(name, fn)
         weight = _checks.finite(fn, f"weights[{name!r}]", weight)
-        params, allowed = _parameters(found.fn)
+        params, allowed = parameters(found.fn)
         unknown = sorted(set(options.get(name, {})) - allowed)
         if unknown:
             raise TypeError(
@@ -199,7 +191,7 @@ def group_pairwise_loss(
     _checks.one_of(fn, "pairs", pairs, ("all", "best_worst"))
     if pairs == "best_worst" and chosen is not None:
         raise ValueError(f"{fn}: chosen applies to pairs='all' only")
-    params, _ = _parameters(found.fn)
+    params, _ = parameters(found.fn)
     if ref_logps is not None and "ref_chosen_logps" not in params:
         raise ValueError(f"{fn}: {loss!r} is reference-free; pass ref_logps=None")
     if lengths is not None and "chosen_lengths" not in params:
@@ -228,10 +220,9 @@ def group_pairwise_loss(
             {k: side(v, -2) for k, v in arrays.items()},
         )
     else:
-        r, _ = _group_rewards(fn, rewards, valid, xp, False)
         index = xp.arange(n, device=device(logps))
-        best = xp.argmax(xp.where(valid, r, -math.inf), axis=-1)
-        worst = xp.argmin(xp.where(valid, r, math.inf), axis=-1)
+        best = xp.argmax(xp.where(valid, rewards, -math.inf), axis=-1)
+        worst = xp.argmin(xp.where(valid, rewards, math.inf), axis=-1)
         sides = tuple(
             {
                 k: xp.sum(xp.where(index == xp.expand_dims(at, axis=-1), v, 0.0), axis=-1)
@@ -254,9 +245,7 @@ def group_pairwise_loss(
         loss = total / xp.clip(count, min=1.0)
     else:
         loss = xp.where(groups.counted, per_pair, 0.0)
-    if not groups.checked:
-        loss = _visible_nan(loss, xp.isfinite(groups.total[..., 0]), xp)
-    return loss
+    return nan_where_unchecked(loss, groups.total, groups.checked, xp)
 
 
 def batch_loss(
@@ -323,7 +312,7 @@ def batch_loss(
     if found.kind == "group":
         per_group = found.fn(logps, ref_logps, rewards, mask=mask, xp=xp, **options)
     else:
-        takes_lengths = "chosen_lengths" in _parameters(found.fn)[0]
+        takes_lengths = "chosen_lengths" in parameters(found.fn)[0]
         if takes_lengths and lengths is None:
             raise ValueError(f"{fn}: {loss!r} needs lengths (response token counts)")
         if takes_lengths and mask is not None:

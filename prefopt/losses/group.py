@@ -129,10 +129,8 @@ def split(
     fn: str, rewards: Array, valid: Array, chosen: Array | None, xp: ModuleType, check_values
 ) -> Split:
     """The MPO mean split; raises on non-finite valid rewards where values can be read."""
-    r = xp.where(valid, rewards, 0.0)
+    r, total, checked = _group_rewards(fn, rewards, valid, xp, check_values)
     count = xp.sum(xp.astype(valid, r.dtype), axis=-1, keepdims=True)
-    total = xp.sum(r, axis=-1, keepdims=True)
-    checked = _rewards_checked(fn, rewards, total, xp, check_values)
     deviation = r - total / xp.clip(count, min=1.0)
     chosen = (deviation > 0.0 if chosen is None else chosen) & valid
     rejected = valid ^ chosen
@@ -318,27 +316,25 @@ def mpo_loss(
     # 0; replacing it before the log-sigmoid keeps the -inf it had out of every backward.
     # (0 - x, not -x: log_sigmoid(inf) is 0.0 in PyTorch, and -0.0 would print as "-0.")
     loss = 0.0 - log_sigmoid(xp.where(counted, margin, math.inf), xp=xp)
-    if not groups.checked:
-        # Unchecked (traced, on an accelerator, or check_values=False): a non-finite reward
-        # makes its group's loss NaN, visible, rather than a silently skipped group.
-        loss = xp.where(xp.isfinite(groups.total[..., 0]), loss, math.nan)
-    return loss
+    return nan_where_unchecked(loss, groups.total, groups.checked, xp)
+
+
+def nan_where_unchecked(loss: Array, total: Array, checked: bool, xp: ModuleType) -> Array:
+    """Loss NaN for the groups whose reward sum ``total`` (B, 1) is not finite, unless checked.
+
+    Unchecked rewards (traced, on an accelerator, or ``check_values=False``): a group with a
+    non-finite reward gets a visible NaN rather than a silently skipped group.
+    """
+    return loss if checked else xp.where(xp.isfinite(total[..., 0]), loss, math.nan)
 
 
 def _group_rewards(
     fn: str, rewards: Array, valid: Array, xp: ModuleType, check_values
-) -> tuple[Array, Array | None]:
-    """Rewards with padding set to 0, and a (B,) finite flag when they were not checked."""
+) -> tuple[Array, Array, bool]:
+    """Rewards with padding set to 0, their sum per group (B, 1), and whether they were checked."""
     r = xp.where(valid, rewards, 0.0)
     total = xp.sum(r, axis=-1, keepdims=True)
-    if _rewards_checked(fn, rewards, total, xp, check_values):
-        return r, None
-    return r, xp.isfinite(total[..., 0])
-
-
-def _visible_nan(loss: Array, finite: Array | None, xp: ModuleType) -> Array:
-    """Unchecked rewards: a group with a non-finite reward gets loss NaN (see mpo_loss)."""
-    return loss if finite is None else xp.where(finite, loss, math.nan)
+    return r, total, _rewards_checked(fn, rewards, total, xp, check_values)
 
 
 def _log_softmax(x: Array, valid: Array, xp: ModuleType) -> Array:
@@ -403,10 +399,10 @@ def infonca_loss(
     s, rewards, valid = group_scores(
         fn, xp, logps, ref_logps, rewards, mask, lengths, beta, check_values
     )
-    r, finite = _group_rewards(fn, rewards, valid, xp, check_values)
+    r, total, checked = _group_rewards(fn, rewards, valid, xp, check_values)
     terms = _target(r, valid, tau, s.dtype, xp) * _log_softmax(s, valid, xp)
     loss = 0.0 - xp.sum(xp.where(valid, terms, 0.0), axis=-1)
-    return _visible_nan(loss, finite, xp)
+    return nan_where_unchecked(loss, total, checked, xp)
 
 
 def nca_loss(
@@ -460,13 +456,13 @@ def nca_loss(
     s, rewards, valid = group_scores(
         fn, xp, logps, ref_logps, rewards, mask, lengths, beta, check_values
     )
-    r, finite = _group_rewards(fn, rewards, valid, xp, check_values)
+    r, total, checked = _group_rewards(fn, rewards, valid, xp, check_values)
     count = xp.sum(xp.astype(valid, s.dtype), axis=-1, keepdims=True)
     terms = _target(r, valid, tau, s.dtype, xp) * log_sigmoid(s, xp=xp) + log_sigmoid(
         -s, xp=xp
     ) / xp.clip(count, min=1.0)
     loss = 0.0 - xp.sum(xp.where(valid, terms, 0.0), axis=-1)
-    return _visible_nan(loss, finite, xp)
+    return nan_where_unchecked(loss, total, checked, xp)
 
 
 def _ranked_before(x: Array, valid: Array, xp: ModuleType) -> Array:
@@ -525,13 +521,13 @@ def plackett_luce_loss(
     s, rewards, valid = group_scores(
         fn, xp, logps, ref_logps, rewards, mask, lengths, beta, check_values
     )
-    r, finite = _group_rewards(fn, rewards, valid, xp, check_values)
+    r, total, checked = _group_rewards(fn, rewards, valid, xp, check_values)
     # The responses still to be placed when slot i is picked: i and all ranked after it.
     # The last one's term is s - logsumexp({s}) = 0 exactly, so k runs over all slots.
     remaining = ~_ranked_before(r, valid, xp) & xp.expand_dims(valid, axis=-2)
     lse = logsumexp(xp.expand_dims(s, axis=-2), mask=remaining, xp=xp)
     loss = 0.0 - xp.sum(xp.where(valid, s - lse, 0.0), axis=-1)
-    return _visible_nan(loss, finite, xp)
+    return nan_where_unchecked(loss, total, checked, xp)
 
 
 def lipo_loss(
@@ -585,7 +581,7 @@ def lipo_loss(
     s, rewards, valid = group_scores(
         fn, xp, logps, ref_logps, rewards, mask, lengths, beta, check_values
     )
-    r, finite = _group_rewards(fn, rewards, valid, xp, check_values)
+    r, total, checked = _group_rewards(fn, rewards, valid, xp, check_values)
     gain = xp.expm1(r * math.log(2.0))  # 2^r - 1; 0 on padding
     ideal_rank = 1.0 + xp.sum(xp.astype(_ranked_before(r, valid, xp), r.dtype), axis=-1)
     max_dcg = xp.sum(xp.where(valid, gain / xp.log2(1.0 + ideal_rank), 0.0), axis=-1, keepdims=True)
@@ -606,4 +602,4 @@ def lipo_loss(
     margins = xp.expand_dims(s, axis=-1) - xp.expand_dims(s, axis=-2)
     terms = stop_gradient(delta, xp=xp) * log_sigmoid(margins, xp=xp)
     loss = 0.0 - xp.sum(xp.where(pairs, terms, 0.0), axis=(-2, -1))
-    return _visible_nan(loss, finite, xp)
+    return nan_where_unchecked(loss, total, checked, xp)

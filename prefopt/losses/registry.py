@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -76,6 +77,13 @@ def entry(name: str, fn: str = "get_loss") -> LossEntry:
             f"{fn}: unknown loss {name!r}. Known losses: {', '.join(sorted(_LOSSES))}.{hint}"
         )
     return found
+
+
+def parameters(fn: Callable) -> tuple[set[str], set[str]]:
+    """(all parameter names, keyword-only option names but ``xp``) of a loss function."""
+    params = inspect.signature(fn).parameters.values()
+    options = {p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "xp"}
+    return {p.name for p in params}, options
 
 
 def entries() -> dict[str, LossEntry]:
