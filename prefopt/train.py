@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 
-import prefopt
 from prefopt.integrations.data import collate_ids, group_rows
-from prefopt.integrations.transformers import PreferenceCollator, batch_logps
+from prefopt.integrations.transformers import PreferenceCollator, loss_and_metrics
 from prefopt.losses.registry import entry, parameters
 
 LETTERS = list("abcdefgh")
@@ -292,30 +291,13 @@ def run(config: Config) -> list[dict[str, Any]]:
             record["reward"] = float(batch["rewards"][batch["mask"]].mean())
         else:
             batch = collator([picker.choice(rows) for _ in range(config.prompts)])
-        logps, lengths = batch_logps(model, batch)
-        ref = None
-        if entry(config.loss).kind != "reference-free":
-            ref = batch.get("ref_logps")
-            if ref is None:
-                with torch.no_grad():
-                    ref, _ = batch_logps(reference, batch)
-        loss = prefopt.batch_loss(
-            config.loss,
-            logps,
-            ref,
-            batch["rewards"],
-            mask=batch["mask"],
-            lengths=lengths,
-            pairs=config.pairs,
-            **options,
+        loss, metrics, _ = loss_and_metrics(
+            model, batch, ref_model=reference, loss=config.loss, pairs=config.pairs, **options
         )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         record["loss"] = loss.item()
-        metrics = prefopt.metrics.group_metrics(
-            logps.detach(), ref, batch["rewards"], mask=batch["mask"], beta=config.beta
-        )
         record.update({k: float(v) for k, v in metrics.items()})
         last = step + 1 == config.steps
         if rows is None and ((step + 1) % config.eval_every == 0 or last):

@@ -26,6 +26,7 @@ __all__ = [
     "PreferenceCollator",
     "PreferenceTrainer",
     "batch_logps",
+    "loss_and_metrics",
     "precompute_ref_logps",
 ]
 
@@ -106,6 +107,61 @@ def batch_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     return logps.reshape(B, n), lengths.reshape(B, n)
 
 
+def loss_and_metrics(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    *,
+    ref_model: Any = None,
+    loss: str = "mpo",
+    pairs: str = "all",
+    **options: Any,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """The training loss of a collated batch, its metrics, and the policy log-probs.
+
+    The reference log-probs come from ``batch["ref_logps"]`` when present, else from
+    ``ref_model`` (without gradient), else none; a reference-free loss never gets them.
+    The loss is [`prefopt.batch_loss`][prefopt.batch_loss], the metrics those of
+    [`group_metrics`][prefopt.metrics.group_metrics] (no gradient). The PyTorch twin of
+    ``prefopt.integrations.jax.loss_and_metrics``; ``PreferenceTrainer`` and
+    ``prefopt train`` both use it.
+
+    Args:
+        model: The policy, a causal LM returning ``logits``.
+        batch: A batch from
+            [`PreferenceCollator`][prefopt.integrations.transformers.PreferenceCollator].
+        ref_model: The frozen reference model, or ``None``.
+        loss: A registered loss name. Default ``"mpo"``.
+        pairs: ``"all"`` (default) or ``"best_worst"``, for pairwise losses.
+        **options: Options of the loss (``beta``...).
+
+    Returns:
+        ``(loss, metrics, logps)``: a 0-d tensor, a dict of 0-d tensors, and the (B, n)
+        policy log-probs.
+    """
+    logps, lengths = batch_logps(model, batch)
+    ref = None
+    if entry(loss).kind != "reference-free":
+        ref = batch.get("ref_logps")
+        if ref is None and ref_model is not None:
+            with torch.no_grad():
+                ref, _ = batch_logps(ref_model, batch)
+    value = prefopt.batch_loss(
+        loss,
+        logps,
+        ref,
+        batch["rewards"],
+        mask=batch["mask"],
+        lengths=lengths,
+        pairs=pairs,
+        **options,
+    )
+    with torch.no_grad():
+        metrics = prefopt.metrics.group_metrics(
+            logps.detach(), ref, batch["rewards"], mask=batch["mask"], beta=options.get("beta", 0.1)
+        )
+    return value, metrics, logps
+
+
 class PreferenceTrainer(transformers.Trainer):
     """A ``transformers.Trainer`` that trains on group or pair rows with any registered loss.
 
@@ -147,27 +203,15 @@ class PreferenceTrainer(transformers.Trainer):
         self._metrics: dict[str, list[float]] = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The loss of a collated batch (``prefopt.batch_loss``); records the metrics."""
-        logps, lengths = batch_logps(model, inputs)
-        ref = inputs.get("ref_logps")
-        if ref is None and self.ref_model is not None:
-            with torch.no_grad():
-                ref, _ = batch_logps(self.ref_model, inputs)
-        loss = prefopt.batch_loss(
-            self.loss_name,
-            logps,
-            ref,
-            inputs["rewards"],
-            mask=inputs["mask"],
-            lengths=lengths,
+        """The loss of a collated batch (``loss_and_metrics``); records the metrics."""
+        loss, metrics, logps = loss_and_metrics(
+            model,
+            inputs,
+            ref_model=self.ref_model,
+            loss=self.loss_name,
             pairs=self.pairs,
             **self.loss_options,
         )
-        beta = self.loss_options.get("beta", 0.1)
-        with torch.no_grad():
-            metrics = prefopt.metrics.group_metrics(
-                logps.detach(), ref, inputs["rewards"], mask=inputs["mask"], beta=beta
-            )
         for key, value in metrics.items():
             self._metrics.setdefault(key, []).append(float(value))
         return (loss, {"logps": logps}) if return_outputs else loss
