@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,25 +89,9 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    config = Config(
-        model=args.model,
-        data=args.data,
-        loss=args.loss,
-        responses=args.responses,
-        prompts=args.prompts,
-        beta=args.beta,
-        alpha=args.alpha,
-        extra=dict(args.option),
-        pairs=args.pairs,
-        steps=args.steps,
-        lr=args.lr,
-        seed=args.seed,
-        output=args.output,
-        resume=args.resume,
-        eval_every=args.eval_every,
-        save_every=args.save_every,
-        progress=not args.no_progress,
-    )
+    # every option is a Config field of the same name, but --option and --no-progress
+    given = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
+    config = Config(**given, extra=dict(args.option), progress=not args.no_progress)
     try:
         records = run(config)
     except UserError as err:

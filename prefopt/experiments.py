@@ -218,12 +218,18 @@ def compare_losses(
     return result
 
 
-def _plot_bias(result: dict[str, Any], path: Path) -> None:
+def _pyplot():
+    """Pyplot on matplotlib's file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot_bias(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ns = np.asarray(result["ns"])
     labels = {
@@ -250,11 +256,7 @@ def _plot_bias(result: dict[str, Any], path: Path) -> None:
 
 
 def _plot_noise(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.semilogx(result["ns"], result["split"], "o-", label="mean split exactly right")
     ax.semilogx(result["ns"], result["order"], "s-", label="full order exactly right")
@@ -269,11 +271,7 @@ def _plot_noise(result: dict[str, Any], path: Path) -> None:
 
 
 def _plot_compare(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, data in result["losses"].items():
         steps = [s for s, _ in data["curves"][0]]
