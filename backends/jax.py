@@ -125,7 +125,7 @@ def fused_linear_logps(
     """
     import jax.numpy as jnp
 
-    from prefopt.logps import check_fused_inputs
+    from prefopt.logps import check_fused_inputs, label_logps
 
     check_fused_inputs(hidden, weight, bias, labels, chunk_size, ignore_index, jnp)
     lead, width = hidden.shape[:-1], hidden.shape[-1]
@@ -143,10 +143,7 @@ def fused_linear_logps(
         logits = h_c @ weight.T
         if bias is not None:
             logits = logits + bias
-        logits = logits.astype(dtype)
-        valid = y_c != ignore_index
-        picked = jnp.take_along_axis(logits, jnp.where(valid, y_c, 0)[:, None], axis=-1)[:, 0]
-        return jnp.where(valid, picked - jax.nn.logsumexp(logits, axis=-1), 0.0)
+        return label_logps(logits.astype(dtype), y_c, ignore_index, jnp)[0]
 
     out = jax.lax.map(lambda c: chunk(*c), (h.reshape(-1, step, width), y.reshape(-1, step)))
     return out.reshape(-1)[:rows].reshape(lead)

@@ -1,22 +1,31 @@
 """PyTorch backend: native ops for the core, ``nn.Module`` wrappers and ``stop_gradient``.
 
-The wrappers hold the hyperparameters and a ``reduction`` like ``torch.nn`` losses, pass the
+The loss modules hold the options and a ``reduction`` like ``torch.nn`` losses, pass the
 namespace explicitly (no lookup per call) and trace under
 ``torch.compile(fullgraph=True)`` without graph breaks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
 from typing import Any
 
 import array_api_compat.torch as torch_xp
 import torch
 
 import prefopt
-from prefopt.losses.registry import entries, entry, parameters
+from prefopt.logps import label_logps, row_chunks
+from prefopt.losses.compose import REDUCTIONS, counted, reduce
+from prefopt.losses.registry import POSITIONAL, spec
 
-REDUCTIONS = ("mean", "sum", "none")
+# prefopt memoises dtype facts with functools caches (pure functions of dtypes), which
+# torch.compile traces through; its warning that it does so is about them, and not news.
+warnings.filterwarnings(
+    "ignore",
+    message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped function "
+    r"at '_(checks|ops)\.py",
+    category=UserWarning,
+)
 
 
 def log_sigmoid(x):
@@ -48,86 +57,725 @@ def stop_gradient(x: torch.Tensor) -> torch.Tensor:
 
 
 class PreferenceLoss(torch.nn.Module):
-    """Base of the loss modules: a prefopt loss with fixed options and a reduction.
+    """Base of the loss modules, and the module of any registered loss by name.
 
-    Subclasses set ``loss_fn``. Keyword options of the loss (``beta``, ``weighting``...)
-    go to the constructor; arrays go to ``forward``, positionally as the function takes
-    them or by keyword.
+    Each subclass names its loss (``loss``, a registered name), takes the loss's options
+    with their defaults in its constructor, and its arrays in ``forward`` as the function
+    does. ``PreferenceLoss(loss="ipo", beta=0.5)`` is the same module for any registered
+    loss, with the arrays passed as the function takes them. ``reduction``: ``"mean"``
+    (default) averages over the examples that count (every pair; for group losses the
+    groups of the registry's counting rule, so that degenerate groups do not dilute the
+    mean), ``"batchmean"`` divides the sum by the batch size (exact under gradient
+    accumulation), ``"sum"``, or ``"none"`` (per example). A batch in which nothing counts
+    gives 0 with a zero gradient.
 
     Args:
-        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per example).
-        **options: Keyword-only options of ``loss_fn``; unknown names raise ``TypeError``.
+        reduction: ``"mean"``, ``"batchmean"``, ``"sum"`` or ``"none"``.
+        loss: A registered name; subclasses set it for you.
+        **options: The loss's options; one it does not take raises ``TypeError``.
     """
 
-    loss_fn: Callable | None = None
+    loss: str | None = None  # the registered name
 
-    def __init__(self, *, reduction: str = "mean", **options: Any) -> None:
+    def __init__(self, reduction: str = "mean", *, loss: str | None = None, **options: Any):
         super().__init__()
         name = type(self).__name__
-        if self.loss_fn is None:
-            raise TypeError(
-                f"{name} has no loss_fn: use a loss module such as MPOLoss, or set loss_fn"
-            )
+        self.loss = loss or self.loss
+        if self.loss is None:
+            raise TypeError(f"{name} names no loss: use a loss module such as MPOLoss")
         if reduction not in REDUCTIONS:
             raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}; got {reduction!r}")
-        _, allowed = parameters(self.loss_fn)
-        unknown = sorted(set(options) - allowed)
-        if unknown:
-            raise TypeError(
-                f"{name}: unknown option(s) {unknown}; expected some of {sorted(allowed)}"
-            )
+        self.spec = spec(self.loss, name)
+        self.spec.options(options, fn=name)
         self.reduction = reduction
         self.options = options
 
-    def counted(self, *arrays, **inputs) -> torch.Tensor | None:
-        """Boolean (B,) of the examples a ``"mean"`` averages over; ``None``: all of them."""
-        return None
+    def forward(self, *arrays: torch.Tensor, **inputs: Any) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as the loss function takes them."""
+        bound = {**dict(zip(POSITIONAL[self.spec.layout], arrays)), **inputs}
+        loss = self.spec.fn(*arrays, **inputs, **self.options, xp=torch_xp)
+        return self.reduce(loss, bound.get("rewards"), bound.get("mask"), bound.get("chosen"))
 
-    def forward(self, *arrays, **inputs) -> torch.Tensor:
-        """The loss of a batch, reduced as ``reduction`` says."""
-        loss = self.loss_fn(*arrays, **inputs, **self.options, xp=torch_xp)
-        if self.reduction == "none":
-            return loss
-        if self.reduction == "sum":
-            return loss.sum()
-        counted = self.counted(*arrays, **inputs)
-        if counted is None:
-            return loss.mean()
-        return loss.sum() / counted.sum().clamp(min=1).to(loss.dtype)
+    def reduce(self, loss, rewards=None, mask=None, chosen=None) -> torch.Tensor:
+        """Reduce per-example losses as ``reduction`` says (see the class docstring)."""
+        kept = None
+        if self.reduction == "mean" and self.spec.counts != "all":
+            kept = counted(self.spec.counts, rewards, mask, chosen, xp=torch_xp)
+        return reduce(loss, self.reduction, kept, xp=torch_xp)
 
     def extra_repr(self) -> str:
         """The options, as ``print(module)`` shows them."""
         options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-        return f"reduction={self.reduction!r}" + (f", {options}" if options else "")
+        return f"reduction={self.reduction!r}, {options}" if options else f"loss={self.loss!r}"
 
 
-class GroupLoss(PreferenceLoss):
-    """Base of the group-loss modules: ``"mean"`` averages over the groups that count.
+class DPOLoss(PreferenceLoss):
+    """[`prefopt.dpo_loss`][prefopt.dpo_loss] as a module.
 
-    A group counts when it has at least ``min_valid`` real responses (2 by default: one
-    response alone has nothing to be compared with; 1 for NCA, whose loss is defined on
-    a single response). MPO counts the groups with a non-empty chosen and rejected set.
+    ``loss_module("sigmoid")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
     """
 
-    min_valid = 2
+    loss = "sigmoid"
 
-    def counted(self, logps, ref_logps=None, rewards=None, *, mask=None, **_):
-        """The groups with at least ``min_valid`` real responses."""
-        if mask is None:
-            return torch.full(
-                logps.shape[:1], logps.shape[-1] >= self.min_valid, device=logps.device
-            )
-        return mask.sum(dim=-1) >= self.min_valid
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        f_divergence: str = "reverse_kl",
+        f_alpha: float = 0.5,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(
+            reduction,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            f_divergence=f_divergence,
+            f_alpha=f_alpha,
+        )
+
+    def forward(
+        self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None
+    ) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.dpo_loss`` takes them."""
+        loss = prefopt.dpo_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            **self.options,
+            xp=torch_xp,
+        )
+        return self.reduce(loss)
 
 
-class MPOLoss(GroupLoss):
+class RobustDPOLoss(PreferenceLoss):
+    """[`prefopt.robust_dpo_loss`][prefopt.robust_dpo_loss] as a module.
+
+    ``loss_module("robust")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "robust"
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        f_divergence: str = "reverse_kl",
+        f_alpha: float = 0.5,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(
+            reduction,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            f_divergence=f_divergence,
+            f_alpha=f_alpha,
+        )
+
+    def forward(
+        self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None
+    ) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.robust_dpo_loss`` takes them."""
+        loss = prefopt.robust_dpo_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            **self.options,
+            xp=torch_xp,
+        )
+        return self.reduce(loss)
+
+
+class IPOLoss(PreferenceLoss):
+    """[`prefopt.ipo_loss`][prefopt.ipo_loss] as a module.
+
+    ``loss_module("ipo")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "ipo"
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        f_divergence: str = "reverse_kl",
+        f_alpha: float = 0.5,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction, beta=beta, f_divergence=f_divergence, f_alpha=f_alpha)
+
+    def forward(
+        self,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps=None,
+        ref_rejected_logps=None,
+        *,
+        chosen_lengths=None,
+        rejected_lengths=None,
+    ) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.ipo_loss`` takes them."""
+        loss = prefopt.ipo_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            **self.options,
+            xp=torch_xp,
+        )
+        return self.reduce(loss)
+
+
+class HingeLoss(PreferenceLoss):
+    """[`prefopt.hinge_loss`][prefopt.hinge_loss] as a module.
+
+    ``loss_module("hinge")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "hinge"
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        f_divergence: str = "reverse_kl",
+        f_alpha: float = 0.5,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction, beta=beta, f_divergence=f_divergence, f_alpha=f_alpha)
+
+    def forward(
+        self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None
+    ) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.hinge_loss`` takes them."""
+        loss = prefopt.hinge_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            **self.options,
+            xp=torch_xp,
+        )
+        return self.reduce(loss)
+
+
+class EXOPairLoss(PreferenceLoss):
+    """[`prefopt.exo_pair_loss`][prefopt.exo_pair_loss] as a module.
+
+    ``loss_module("exo_pair")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "exo_pair"
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        label_smoothing: float = 0.001,
+        f_divergence: str = "reverse_kl",
+        f_alpha: float = 0.5,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(
+            reduction,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            f_divergence=f_divergence,
+            f_alpha=f_alpha,
+        )
+
+    def forward(
+        self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None
+    ) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.exo_pair_loss`` takes them."""
+        loss = prefopt.exo_pair_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            **self.options,
+            xp=torch_xp,
+        )
+        return self.reduce(loss)
+
+
+class NCAPairLoss(PreferenceLoss):
+    """[`prefopt.nca_pair_loss`][prefopt.nca_pair_loss] as a module.
+
+    ``loss_module("nca_pair")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "nca_pair"
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        f_divergence: str = "reverse_kl",
+        f_alpha: float = 0.5,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction, beta=beta, f_divergence=f_divergence, f_alpha=f_alpha)
+
+    def forward(
+        self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None
+    ) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.nca_pair_loss`` takes them."""
+        loss = prefopt.nca_pair_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            **self.options,
+            xp=torch_xp,
+        )
+        return self.reduce(loss)
+
+
+class BCOPairLoss(PreferenceLoss):
+    """[`prefopt.bco_pair_loss`][prefopt.bco_pair_loss] as a module.
+
+    ``loss_module("bco_pair")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "bco_pair"
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        delta: float = 0.0,
+        f_divergence: str = "reverse_kl",
+        f_alpha: float = 0.5,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(
+            reduction, beta=beta, delta=delta, f_divergence=f_divergence, f_alpha=f_alpha
+        )
+
+    def forward(
+        self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None
+    ) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.bco_pair_loss`` takes them."""
+        loss = prefopt.bco_pair_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            **self.options,
+            xp=torch_xp,
+        )
+        return self.reduce(loss)
+
+
+class SPPOHardLoss(PreferenceLoss):
+    """[`prefopt.sppo_hard_loss`][prefopt.sppo_hard_loss] as a module.
+
+    ``loss_module("sppo_hard")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "sppo_hard"
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        f_divergence: str = "reverse_kl",
+        f_alpha: float = 0.5,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction, beta=beta, f_divergence=f_divergence, f_alpha=f_alpha)
+
+    def forward(
+        self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None
+    ) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.sppo_hard_loss`` takes them."""
+        loss = prefopt.sppo_hard_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            **self.options,
+            xp=torch_xp,
+        )
+        return self.reduce(loss)
+
+
+class APOZeroLoss(PreferenceLoss):
+    """[`prefopt.apo_zero_loss`][prefopt.apo_zero_loss] as a module.
+
+    ``loss_module("apo_zero")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "apo_zero"
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        f_divergence: str = "reverse_kl",
+        f_alpha: float = 0.5,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction, beta=beta, f_divergence=f_divergence, f_alpha=f_alpha)
+
+    def forward(
+        self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None
+    ) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.apo_zero_loss`` takes them."""
+        loss = prefopt.apo_zero_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            **self.options,
+            xp=torch_xp,
+        )
+        return self.reduce(loss)
+
+
+class APODownLoss(PreferenceLoss):
+    """[`prefopt.apo_down_loss`][prefopt.apo_down_loss] as a module.
+
+    ``loss_module("apo_down")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "apo_down"
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        f_divergence: str = "reverse_kl",
+        f_alpha: float = 0.5,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction, beta=beta, f_divergence=f_divergence, f_alpha=f_alpha)
+
+    def forward(
+        self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None
+    ) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.apo_down_loss`` takes them."""
+        loss = prefopt.apo_down_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            **self.options,
+            xp=torch_xp,
+        )
+        return self.reduce(loss)
+
+
+class DiscoPOPLoss(PreferenceLoss):
+    """[`prefopt.discopop_loss`][prefopt.discopop_loss] as a module.
+
+    ``loss_module("discopop")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "discopop"
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        tau: float = 0.05,
+        f_divergence: str = "reverse_kl",
+        f_alpha: float = 0.5,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction, beta=beta, tau=tau, f_divergence=f_divergence, f_alpha=f_alpha)
+
+    def forward(
+        self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None
+    ) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.discopop_loss`` takes them."""
+        loss = prefopt.discopop_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            **self.options,
+            xp=torch_xp,
+        )
+        return self.reduce(loss)
+
+
+class AOTLoss(PreferenceLoss):
+    """[`prefopt.aot_loss`][prefopt.aot_loss] as a module.
+
+    ``loss_module("aot")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "aot"
+
+    def __init__(
+        self, *, beta: float = 0.1, label_smoothing: float = 0.0, reduction: str = "mean"
+    ) -> None:
+        super().__init__(reduction, beta=beta, label_smoothing=label_smoothing)
+
+    def forward(
+        self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None
+    ) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.aot_loss`` takes them."""
+        loss = prefopt.aot_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            **self.options,
+            xp=torch_xp,
+        )
+        return self.reduce(loss)
+
+
+class AOTUnpairedLoss(PreferenceLoss):
+    """[`prefopt.aot_unpaired_loss`][prefopt.aot_unpaired_loss] as a module.
+
+    ``loss_module("aot_unpaired")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "aot_unpaired"
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        f_divergence: str = "reverse_kl",
+        f_alpha: float = 0.5,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(
+            reduction,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            f_divergence=f_divergence,
+            f_alpha=f_alpha,
+        )
+
+    def forward(
+        self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None
+    ) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.aot_unpaired_loss`` takes them."""
+        loss = prefopt.aot_unpaired_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            **self.options,
+            xp=torch_xp,
+        )
+        return self.reduce(loss)
+
+
+class SigmoidNormLoss(PreferenceLoss):
+    """[`prefopt.sigmoid_norm_loss`][prefopt.sigmoid_norm_loss] as a module.
+
+    ``loss_module("sigmoid_norm")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "sigmoid_norm"
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        f_divergence: str = "reverse_kl",
+        f_alpha: float = 0.5,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction, beta=beta, f_divergence=f_divergence, f_alpha=f_alpha)
+
+    def forward(
+        self,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps=None,
+        ref_rejected_logps=None,
+        *,
+        chosen_lengths=None,
+        rejected_lengths=None,
+    ) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.sigmoid_norm_loss`` takes them."""
+        loss = prefopt.sigmoid_norm_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            **self.options,
+            xp=torch_xp,
+        )
+        return self.reduce(loss)
+
+
+class SimPOLoss(PreferenceLoss):
+    """[`prefopt.simpo_loss`][prefopt.simpo_loss] as a module.
+
+    ``loss_module("simpo")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "simpo"
+
+    def __init__(
+        self,
+        *,
+        beta: float = 2.0,
+        gamma: float = 0.5,
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction, beta=beta, gamma=gamma, label_smoothing=label_smoothing)
+
+    def forward(
+        self, chosen_logps, rejected_logps, *, chosen_lengths, rejected_lengths
+    ) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.simpo_loss`` takes them."""
+        loss = prefopt.simpo_loss(
+            chosen_logps,
+            rejected_logps,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            **self.options,
+            xp=torch_xp,
+        )
+        return self.reduce(loss)
+
+
+class CPOLoss(PreferenceLoss):
+    """[`prefopt.cpo_loss`][prefopt.cpo_loss] as a module.
+
+    ``loss_module("cpo")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "cpo"
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        cpo_alpha: float = 1.0,
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction, beta=beta, cpo_alpha=cpo_alpha, label_smoothing=label_smoothing)
+
+    def forward(self, chosen_logps, rejected_logps, *, chosen_lengths=None) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.cpo_loss`` takes them."""
+        loss = prefopt.cpo_loss(
+            chosen_logps, rejected_logps, chosen_lengths=chosen_lengths, **self.options, xp=torch_xp
+        )
+        return self.reduce(loss)
+
+
+class ORPOLoss(PreferenceLoss):
+    """[`prefopt.orpo_loss`][prefopt.orpo_loss] as a module.
+
+    ``loss_module("orpo")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "orpo"
+
+    def __init__(self, *, beta: float = 0.1, reduction: str = "mean") -> None:
+        super().__init__(reduction, beta=beta)
+
+    def forward(
+        self, chosen_logps, rejected_logps, *, chosen_lengths, rejected_lengths
+    ) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.orpo_loss`` takes them."""
+        loss = prefopt.orpo_loss(
+            chosen_logps,
+            rejected_logps,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            **self.options,
+            xp=torch_xp,
+        )
+        return self.reduce(loss)
+
+
+class KTOLoss(PreferenceLoss):
+    """[`prefopt.kto_loss`][prefopt.kto_loss] as a module.
+
+    ``loss_module("kto")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "kto"
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(
+            reduction,
+            beta=beta,
+            desirable_weight=desirable_weight,
+            undesirable_weight=undesirable_weight,
+        )
+
+    def forward(self, logps, ref_logps, desirable, *, kl=0.0) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.kto_loss`` takes them."""
+        loss = prefopt.kto_loss(logps, ref_logps, desirable, kl=kl, **self.options, xp=torch_xp)
+        return self.reduce(loss)
+
+
+class MPOLoss(PreferenceLoss):
     """[`prefopt.mpo_loss`][prefopt.mpo_loss] as a module.
 
-    ``reduction="mean"`` averages over the groups that count (both sets non-empty, see
-    [`prefopt.mpo_split`][prefopt.mpo_split]), so degenerate groups do not dilute the mean;
-    a batch with none gives 0 with a zero gradient.
+    ``loss_module("mpo")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]). ``"mean"`` averages
+    over the groups that count (both sets non-empty, see
+    [`prefopt.mpo_split`][prefopt.mpo_split]), so degenerate groups do not dilute it.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from prefopt.backends.torch import MPOLoss
         >>> loss_fn = MPOLoss(beta=0.1, alpha=1.0, weighting="abs")
@@ -136,52 +784,145 @@ class MPOLoss(GroupLoss):
         >>> loss.backward()
     """
 
-    loss_fn = staticmethod(prefopt.mpo_loss)
+    loss = "mpo"
 
-    def counted(self, logps, ref_logps=None, rewards=None, *, mask=None, chosen=None, **_):
-        """The groups with a non-empty chosen and rejected set."""
-        _, _, counted = prefopt.mpo_split(
-            rewards, mask=mask, chosen=chosen, check_values=False, xp=torch_xp
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        weighting: str = "abs",
+        check_values: bool | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(
+            reduction, beta=beta, alpha=alpha, weighting=weighting, check_values=check_values
         )
-        return counted
+
+    def forward(
+        self, logps, ref_logps, rewards, *, mask=None, chosen=None, lengths=None
+    ) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.mpo_loss`` takes them."""
+        loss = prefopt.mpo_loss(
+            logps,
+            ref_logps,
+            rewards,
+            mask=mask,
+            chosen=chosen,
+            lengths=lengths,
+            **self.options,
+            xp=torch_xp,
+        )
+        return self.reduce(loss, rewards, mask, chosen)
 
 
-def _module_classes() -> dict[str, type]:
-    """One module class per registered loss function, named after its title."""
-    classes = {}
-    for name, found in entries().items():
-        cls_name = found.title + "Loss"
-        if cls_name in classes:  # an alias ("dpo" for "sigmoid")
-            continue
-        if cls_name == "MPOLoss":
-            classes[cls_name] = MPOLoss
-            continue
-        base = GroupLoss if found.kind == "group" else PreferenceLoss
-        attrs = {
-            "loss_fn": staticmethod(found.fn),
-            "__module__": __name__,
-            "__doc__": f"[`prefopt.{found.fn.__name__}`][prefopt.{found.fn.__name__}] as a "
-            f'module (``get_loss("{name}")``).\n\n    Options go to the constructor, arrays '
-            "to ``forward``; see [`PreferenceLoss`][backends.torch.PreferenceLoss].",
-        }
-        if found.fn is prefopt.nca_loss:
-            attrs["min_valid"] = 1
-        classes[cls_name] = type(cls_name, (base,), attrs)
-    return classes
+class InfoNCALoss(PreferenceLoss):
+    """[`prefopt.infonca_loss`][prefopt.infonca_loss] as a module.
+
+    ``loss_module("infonca")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "infonca"
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        tau: float = 1.0,
+        check_values: bool | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction, beta=beta, tau=tau, check_values=check_values)
+
+    def forward(self, logps, ref_logps, rewards, *, mask=None, lengths=None) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.infonca_loss`` takes them."""
+        loss = prefopt.infonca_loss(
+            logps, ref_logps, rewards, mask=mask, lengths=lengths, **self.options, xp=torch_xp
+        )
+        return self.reduce(loss, rewards, mask)
 
 
-LOSS_MODULES: dict[str, type] = _module_classes()
-globals().update(LOSS_MODULES)
-__all__ = sorted(
-    [
-        "GroupLoss",
-        "PreferenceLoss",
-        "fused_linear_logps",
-        "loss_module",
-        "stop_gradient",
-        *LOSS_MODULES,
-    ]
-)
+class NCALoss(PreferenceLoss):
+    """[`prefopt.nca_loss`][prefopt.nca_loss] as a module.
+
+    ``loss_module("nca")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "nca"
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        tau: float = 1.0,
+        check_values: bool | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction, beta=beta, tau=tau, check_values=check_values)
+
+    def forward(self, logps, ref_logps, rewards, *, mask=None, lengths=None) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.nca_loss`` takes them."""
+        loss = prefopt.nca_loss(
+            logps, ref_logps, rewards, mask=mask, lengths=lengths, **self.options, xp=torch_xp
+        )
+        return self.reduce(loss, rewards, mask)
+
+
+class PlackettLuceLoss(PreferenceLoss):
+    """[`prefopt.plackett_luce_loss`][prefopt.plackett_luce_loss] as a module.
+
+    ``loss_module("plackett_luce")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "plackett_luce"
+
+    def __init__(
+        self, *, beta: float = 0.1, check_values: bool | None = None, reduction: str = "mean"
+    ) -> None:
+        super().__init__(reduction, beta=beta, check_values=check_values)
+
+    def forward(self, logps, ref_logps, rewards, *, mask=None, lengths=None) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.plackett_luce_loss`` takes them."""
+        loss = prefopt.plackett_luce_loss(
+            logps, ref_logps, rewards, mask=mask, lengths=lengths, **self.options, xp=torch_xp
+        )
+        return self.reduce(loss, rewards, mask)
+
+
+class LiPOLoss(PreferenceLoss):
+    """[`prefopt.lipo_loss`][prefopt.lipo_loss] as a module.
+
+    ``loss_module("lipo")`` makes one too. The options are the function's, with its
+    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
+    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    """
+
+    loss = "lipo"
+
+    def __init__(
+        self, *, beta: float = 0.1, check_values: bool | None = None, reduction: str = "mean"
+    ) -> None:
+        super().__init__(reduction, beta=beta, check_values=check_values)
+
+    def forward(self, logps, ref_logps, rewards, *, mask=None, lengths=None) -> torch.Tensor:
+        """The loss of a batch, reduced; the arrays as ``prefopt.lipo_loss`` takes them."""
+        loss = prefopt.lipo_loss(
+            logps, ref_logps, rewards, mask=mask, lengths=lengths, **self.options, xp=torch_xp
+        )
+        return self.reduce(loss, rewards, mask)
+
+
+MODULES: dict[str, type[PreferenceLoss]] = {
+    cls.__name__: cls for cls in PreferenceLoss.__subclasses__()
+}
+
+__all__ = sorted(["PreferenceLoss", "fused_linear_logps", "loss_module", "stop_gradient", *MODULES])
 
 
 def loss_module(name: str, **options: Any) -> PreferenceLoss:
@@ -193,14 +934,16 @@ def loss_module(name: str, **options: Any) -> PreferenceLoss:
 
     Returns:
         An instance of the loss's module class, e.g. ``IPOLoss(beta=0.5)`` for
-        ``loss_module("ipo", beta=0.5)``.
+        ``loss_module("ipo", beta=0.5)``; a ``PreferenceLoss(loss=name)`` for a registered
+        loss that has no class of its own.
 
-    Example:
+    Examples:
         >>> from prefopt.backends.torch import loss_module
-        >>> loss_module("sigmoid", beta=0.2)
-        DPOLoss(reduction='mean', beta=0.2)
+        >>> loss_module("ipo", beta=0.2)
+        IPOLoss(reduction='mean', beta=0.2, f_divergence='reverse_kl', f_alpha=0.5)
     """
-    return LOSS_MODULES[entry(name, "loss_module").title + "Loss"](**options)
+    cls = MODULES.get(spec(name, "loss_module").title + "Loss")
+    return PreferenceLoss(loss=name, **options) if cls is None else cls(**options)
 
 
 class _FusedLinearLogps(torch.autograd.Function):
@@ -211,16 +954,14 @@ class _FusedLinearLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, valid, chunk_size):
-        rows = hidden.shape[0]
         dtype = torch.promote_types(hidden.dtype, torch.float32)
-        out = torch.empty(rows, dtype=dtype, device=hidden.device)
-        lse = torch.empty(rows, dtype=dtype, device=hidden.device)
-        for start in range(0, rows, chunk_size):
-            stop = min(start + chunk_size, rows)
+        out = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
+        lse = torch.empty_like(out)
+        for start, stop in row_chunks(hidden.shape[0], chunk_size):
             logits = _chunk_logits(hidden[start:stop], weight, bias, dtype)
-            lse[start:stop] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(-1, labels[start:stop, None])[:, 0]
-            out[start:stop] = picked - lse[start:stop]
+            out[start:stop], lse[start:stop] = label_logps(
+                logits, labels[start:stop], _IGNORED, torch_xp
+            )
         ctx.save_for_backward(hidden, weight, bias, labels, valid, lse)
         ctx.chunk_size = chunk_size
         return torch.where(valid, out, 0.0)
@@ -233,8 +974,7 @@ class _FusedLinearLogps(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=lse.dtype) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=lse.dtype) if need_bias else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            stop = min(start + ctx.chunk_size, hidden.shape[0])
+        for start, stop in row_chunks(hidden.shape[0], ctx.chunk_size):
             h, g = hidden[start:stop], grad_out[start:stop]
             # d log p_y / d logits = onehot(y) - softmax(logits): built in place on the chunk
             grad_logits = _chunk_logits(h, weight, bias, lse.dtype)
@@ -251,6 +991,9 @@ class _FusedLinearLogps(torch.autograd.Function):
         if need_bias:
             grad_bias = grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+_IGNORED = -1  # labels inside the Function are all >= 0: ``valid`` masks the ignored rows
 
 
 def _chunk_logits(hidden, weight, bias, dtype):
@@ -315,7 +1058,7 @@ def fused_linear_logps(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
         bias,
-        torch.where(valid, flat_labels, 0),
+        torch.where(valid, flat_labels, 0),  # in range for the backward's scatter; masked after
         valid,
         int(chunk_size),
     )

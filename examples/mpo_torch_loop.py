@@ -14,9 +14,9 @@ import random
 import torch
 
 import prefopt
+from prefopt.cli.task import builtin_model, builtin_tokenizer, copy_task_prompts, copy_task_reward
 from prefopt.integrations.data import collate_ids
 from prefopt.integrations.transformers import batch_logps
-from prefopt.train import builtin_model, builtin_tokenizer, copy_task_prompts, copy_task_reward
 
 
 def main():

@@ -10,21 +10,21 @@ per call), ``False`` never checks. Nothing is checked inside a trace.
 
 from __future__ import annotations
 
+import functools
 import math
 from types import ModuleType
 
 from prefopt._ops import Array, native
 
-_KIND: dict = {}
+# The memos below are functools caches, not dicts filled in place: torch.compile traces
+# through a cache wrapper, whereas a dict that fills during the first trace changes what
+# the compiled graph guards on, and the second call compiles again.
 
 
+@functools.cache
 def is_kind(dtype, kind, xp: ModuleType) -> bool:
     """``xp.isdtype`` memoised: it is a hot-path call and its answer never changes."""
-    key = (dtype, kind, id(xp))
-    answer = _KIND.get(key)
-    if answer is None:
-        answer = _KIND[key] = xp.isdtype(dtype, kind)
-    return answer
+    return xp.isdtype(dtype, kind)
 
 
 def is_floating(dtype, xp: ModuleType) -> bool:
@@ -73,23 +73,18 @@ def same_shape(fn: str, layout: str, arrays: dict[str, Array | None]) -> None:
             )
 
 
-_COMPUTE_DTYPE: dict = {}
-
-
 def compute_dtype(xp: ModuleType, *arrays: Array | None):
     """The dtype a loss computes in: the arrays' common float dtype, half raised to float32.
 
     A bf16 loss would round log-ratio differences away.
     """
-    dtypes = tuple(x.dtype for x in arrays if x is not None)
-    key = (dtypes, id(xp))
-    dtype = _COMPUTE_DTYPE.get(key)
-    if dtype is None:
-        dtype = xp.result_type(*dtypes)
-        if xp.finfo(dtype).bits < 32:
-            dtype = xp.float32
-        _COMPUTE_DTYPE[key] = dtype
-    return dtype
+    return _compute_dtype(xp, *(x.dtype for x in arrays if x is not None))
+
+
+@functools.cache
+def _compute_dtype(xp: ModuleType, *dtypes):
+    dtype = xp.result_type(*dtypes)
+    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
 
 
 def cast(x: Array | None, dtype, xp: ModuleType) -> Array | None:

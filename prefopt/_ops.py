@@ -8,6 +8,7 @@ framework, so ``import prefopt`` never imports torch or jax.
 
 from __future__ import annotations
 
+import functools
 import math
 from types import ModuleType
 from typing import Any
@@ -17,7 +18,6 @@ import array_api_compat
 Array = Any
 
 _NAMESPACE_BY_TYPE: dict[type, ModuleType] = {}
-_NATIVE: dict[int, ModuleType | None] = {}
 
 
 def get_namespace(*arrays: Array | None, xp: ModuleType | None = None) -> ModuleType:
@@ -56,18 +56,17 @@ def get_namespace(*arrays: Array | None, xp: ModuleType | None = None) -> Module
     return found
 
 
+@functools.cache
 def native(xp: ModuleType) -> ModuleType | None:
     """Return prefopt's backend module for ``xp`` (torch or jax), or ``None`` for the others."""
-    key = id(xp)
-    if key not in _NATIVE:
-        if array_api_compat.is_torch_namespace(xp):
-            from prefopt.backends import torch as backend
-        elif array_api_compat.is_jax_namespace(xp):
-            from prefopt.backends import jax as backend
-        else:
-            backend = None
-        _NATIVE[key] = backend
-    return _NATIVE[key]
+    # A functools cache, not a dict: see prefopt._checks on memos under torch.compile.
+    if array_api_compat.is_torch_namespace(xp):
+        from prefopt.backends import torch as backend
+    elif array_api_compat.is_jax_namespace(xp):
+        from prefopt.backends import jax as backend
+    else:
+        backend = None
+    return backend
 
 
 def log_sigmoid(x: Array, *, xp: ModuleType | None = None) -> Array:

@@ -117,22 +117,52 @@ def token_logps(
     rows = math.prod(lead)
     flat = xp.reshape(logits, (rows, vocab))
     flat_labels = xp.reshape(labels, (rows,))
-    valid = flat_labels != ignore_index
-    index = xp.expand_dims(xp.where(valid, flat_labels, xp.zeros_like(flat_labels)), axis=-1)
     if chunk_size is None:  # chunks bound the float32 copy of half-precision logits only
         whole = dtype == logits.dtype
         chunk_size = max(rows, 1) if whole else max(_CHUNK_ELEMENTS // max(vocab, 1), 1)
     if chunk_size < 1:
         raise ValueError(f"{fn}: chunk_size must be >= 1; got {chunk_size}")
-    step = chunk_size
-    pieces = []
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)  # in-bounds: the standard leaves the rest unspecified
-        chunk = _checks.cast(flat[start:stop, ...], dtype, xp)
-        picked = xp.take_along_axis(chunk, index[start:stop, ...], axis=-1)[..., 0]
-        pieces.append(picked - logsumexp(chunk, axis=-1, xp=xp))
+    pieces = [
+        label_logps(
+            _checks.cast(flat[start:stop, ...], dtype, xp),
+            flat_labels[start:stop],
+            ignore_index,
+            xp,
+        )[0]
+        for start, stop in row_chunks(rows, chunk_size)
+    ]
     out = pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=0)
-    return xp.reshape(xp.where(valid, out, 0.0), lead)
+    return xp.reshape(out, lead)
+
+
+def label_logps(
+    logits: Array, labels: Array, ignore_index: int, xp: ModuleType
+) -> tuple[Array, Array]:
+    r"""The one token log-prob kernel: $z_{y} - \log\sum_v e^{z_v}$ for each row of a chunk.
+
+    Used by ``token_logps`` and by both ``fused_linear_logps`` (which make the chunk's logits
+    from hidden states). Rows whose label is ``ignore_index`` get exactly 0 and no gradient.
+
+    Args:
+        logits: (rows, V) logits in the compute dtype.
+        labels: (rows,) token ids in [0, V), or ``ignore_index``.
+        ignore_index: The label of rows that do not count.
+        xp: The array namespace.
+
+    Returns:
+        ``(logps, lse)``: each (rows,); ``lse`` is the log-sum-exp of every row.
+    """
+    valid = labels != ignore_index
+    index = xp.where(valid, labels, xp.zeros_like(labels))  # any id in range for ignored rows
+    lse = logsumexp(logits, axis=-1, xp=xp)
+    picked = xp.take_along_axis(logits, xp.expand_dims(index, axis=-1), axis=-1)[..., 0]
+    return xp.where(valid, picked - lse, 0.0), lse
+
+
+def row_chunks(rows: int, chunk_size: int):
+    """``(start, stop)`` of consecutive chunks of at most ``chunk_size`` rows, in bounds."""
+    for start in range(0, rows, chunk_size):
+        yield start, min(start + chunk_size, rows)
 
 
 def shift_labels(labels: Array, *, ignore_index: int = -100, xp: ModuleType | None = None) -> Array:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from prefopt._ops import Array, get_namespace, masked_mean, stop_gradient
-from prefopt.losses.group import group_scores, split
-from prefopt.losses.pairwise import log_ratios
+from prefopt._ops import Array, masked_mean, stop_gradient
+from prefopt.losses.group import split
+from prefopt.losses.inputs import group_inputs, pair_inputs
 
 __all__ = ["group_metrics", "pair_metrics"]
 
@@ -54,10 +54,9 @@ def pair_metrics(
         >>> {k: float(v) for k, v in m.items()}["rewards/accuracies"]
         0.5
     """
-    fn = "pair_metrics"
-    xp = get_namespace(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp=xp)
-    hw, hl = log_ratios(fn, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp)
-    rw, rl = stop_gradient(beta * hw, xp=xp), stop_gradient(beta * hl, xp=xp)
+    p = pair_inputs("pair_metrics", locals())
+    xp = p.xp
+    rw, rl = stop_gradient(p.beta * p.hw, xp=xp), stop_gradient(p.beta * p.hl, xp=xp)
     return {
         "rewards/chosen": xp.mean(rw),
         "rewards/rejected": xp.mean(rl),
@@ -107,17 +106,13 @@ def group_metrics(
     References:
         Gupta et al., "Multi-Preference Optimization", arXiv:2412.04628.
     """
-    fn = "group_metrics"
-    xp = get_namespace(logps, ref_logps, rewards, mask, chosen, lengths, xp=xp)
-    s, rewards, valid = group_scores(
-        fn, xp, logps, ref_logps, rewards, mask, lengths, beta, check_values, chosen
-    )
-    s = stop_gradient(s, xp=xp)
-    groups = split(fn, rewards, valid, chosen, xp, check_values)
+    g = group_inputs("group_metrics", locals())
+    xp, s = g.xp, stop_gradient(g.scores, xp=g.xp)
+    groups = split(g, chosen)
     counted = groups.counted
     mean_chosen = masked_mean(masked_mean(s, groups.chosen, axis=-1, xp=xp), counted, xp=xp)
     mean_rejected = masked_mean(masked_mean(s, groups.rejected, axis=-1, xp=xp), counted, xp=xp)
-    r = xp.where(valid, rewards, 0.0)
+    r = g.rewards
 
     def outer(x: Array) -> tuple[Array, Array]:
         return xp.expand_dims(x, axis=-1), xp.expand_dims(x, axis=-2)

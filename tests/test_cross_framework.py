@@ -6,7 +6,7 @@ import pytest
 import prefopt
 from tests import reference
 from tests.backends import make_backend
-from tests.test_mpo import MASK, group_batch
+from tests.cases import MASK, group_batch
 
 pytest.importorskip("torch")
 pytest.importorskip("jax")

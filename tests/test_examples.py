@@ -7,10 +7,16 @@ import sys
 
 import pytest
 
+from tests.cases import skip_unless_installed
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
 def run(*args):
+    if str(args[0]).endswith(".py"):
+        skip_unless_installed(pathlib.Path(args[0]).read_text())
+    else:  # prefopt's command
+        pytest.importorskip("transformers")
     out = subprocess.run(
         [sys.executable, *map(str, args)], capture_output=True, text=True, timeout=300
     )

@@ -5,7 +5,14 @@ import json
 import numpy as np
 import pytest
 
-from prefopt.experiments import alignment_bias, main, split_reliability
+from tests.cases import load_example
+
+reproductions = load_example("reproductions")
+alignment_bias, main, split_reliability = (
+    reproductions.alignment_bias,
+    reproductions.main,
+    reproductions.split_reliability,
+)
 
 
 def test_alignment_bias_shrinks_for_the_mean_split_only():

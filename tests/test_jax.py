@@ -88,7 +88,7 @@ def test_stop_gradient():
 @pytest.mark.parametrize("name", [n for n in prefopt.available_losses() if n != "dpo"])
 def test_every_loss_jits_and_matches_eager(name):
     from tests.backends import JaxBackend
-    from tests.test_catalogue import VARIANTS, make_case, to_backend
+    from tests.cases import VARIANTS, make_case, to_backend
 
     positional, keywords, opts = make_case(
         name, "random", np.random.default_rng(3), VARIANTS[name][-1]
@@ -105,3 +105,22 @@ def test_every_loss_jits_and_matches_eager(name):
     g_eager = jax.grad(lambda x: loss(x, *pos[1:]).sum())(pos[0])
     g_jit = jax.jit(jax.grad(lambda x: loss(x, *pos[1:]).sum()))(pos[0])
     np.testing.assert_allclose(np.asarray(g_jit), np.asarray(g_eager), rtol=1e-12, atol=1e-12)
+
+
+def test_train_step_runs_cpo_and_rejects_unknown_options():
+    optax = pytest.importorskip("optax")
+    from prefopt.integrations.jax import make_train_step
+
+    def apply_fn(params, ids, attention):
+        return jnp.take(params["embed"], ids, axis=0) @ params["out"]
+
+    params = {"embed": jnp.ones((16, 8)) * 0.1, "out": jnp.ones((8, 16)) * 0.1}
+    ids = jnp.arange(30).reshape(2, 3, 5) % 16
+    batch = {"input_ids": ids, "attention_mask": ids * 0 + 1, "labels": ids,
+             "rewards": jnp.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.2]]),
+             "mask": jnp.ones((2, 3), bool)}  # fmt: skip
+    step = make_train_step(apply_fn, optax.sgd(0.1), loss="cpo")
+    _, _, value, metrics = step(params, optax.sgd(0.1).init(params), batch)
+    assert np.isfinite(float(value)) and np.isfinite(float(metrics["rewards/chosen"]))
+    with pytest.raises(TypeError, match=r"make_train_step: sigmoid takes no option\(s\)"):
+        make_train_step(apply_fn, optax.sgd(0.1), loss="sigmoid", alpha=1.0)

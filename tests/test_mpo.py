@@ -3,37 +3,13 @@ import pytest
 
 import prefopt
 from tests import reference
+from tests.cases import MASK, group_batch
 from tests.helpers import GRAD_TOL, assert_close, check_result
 
 WEIGHTINGS = ["abs", "signed", "squared", "none"]
+
+
 # Real responses per group: full, ragged with holes, two, one (degenerate), none (degenerate).
-MASK = np.array(
-    [
-        [1, 1, 1, 1, 1, 1],
-        [1, 0, 1, 1, 0, 1],
-        [0, 1, 0, 0, 1, 0],
-        [0, 0, 0, 1, 0, 0],
-        [0, 0, 0, 0, 0, 0],
-        [1, 1, 1, 1, 1, 0],
-    ],
-    dtype=bool,
-)
-
-
-def group_batch(rng, case="random"):
-    B, n = MASK.shape
-    logps = rng.normal(-80.0, 25.0, size=(B, n))
-    ref = logps + rng.normal(0.0, 3.0, size=(B, n))
-    rewards = rng.normal(0.0, 1.0, size=(B, n))
-    lengths = rng.integers(1, 60, size=(B, n)).astype(np.float64)
-    if case == "zero":
-        ref = logps.copy()
-    elif case == "extreme":
-        ref = logps.copy()
-        logps = logps + rng.choice([-1e4, 1e4], size=(B, n))
-    return logps, ref, rewards, lengths
-
-
 def mpo_inputs(backend, rng, case, dtype, *, ragged=True, reference_free=False, with_lengths=False):
     logps, ref, rewards, lengths = group_batch(rng, case)
     mask = MASK if ragged else None

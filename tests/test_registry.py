@@ -54,3 +54,99 @@ def test_unrelated_name_gets_no_suggestion():
     with pytest.raises(ValueError, match="unknown loss 'xyzzy_q'. Known losses") as err:
         prefopt.get_loss("xyzzy_q")
     assert "Did you mean" not in str(err.value)
+
+
+# ---- the registry is the one source of per-loss facts -------------------------------------
+
+SPECS = prefopt.losses.registry.specs()
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_spec_agrees_with_the_function_signature(name):
+    import inspect
+
+    found = SPECS[name]
+    params = inspect.signature(found.fn).parameters
+    assert ("ref_chosen_logps" in params or "ref_logps" in params) == (found.reference != "none")
+    has = {k for k in ("chosen_lengths", "rejected_lengths", "lengths") if k in params}
+    expected = {
+        "none": set(),
+        "chosen": {"chosen_lengths"},
+        "optional": {"lengths"}
+        if found.layout == "group"
+        else {"chosen_lengths", "rejected_lengths"},
+        "required": {"chosen_lengths", "rejected_lengths"},
+    }[found.lengths]
+    assert has == expected
+    for option, default in found.defaults.items():
+        assert params[option].kind is params[option].KEYWORD_ONLY
+        assert params[option].default == default
+
+
+def test_options_are_checked_and_completed_with_the_loss_defaults():
+    simpo = prefopt.losses.registry.spec("simpo")
+    assert simpo.options({"gamma": 1.0}) == {"beta": 2.0, "gamma": 1.0, "label_smoothing": 0.0}
+    with pytest.raises(TypeError, match=r"f: simpo takes no option\(s\) \['alpha'\]; it takes"):
+        simpo.options({"alpha": 1.0}, fn="f")
+
+
+def _groups(rng, B=4, n=5):
+    logps = -rng.uniform(5.0, 60.0, (B, n))
+    rewards = rng.normal(size=(B, n))
+    rewards[1] = 0.5  # a tied group: counts for nothing
+    lengths = rng.integers(1, 30, (B, n)).astype(float)
+    return logps, logps + rng.normal(0.0, 1.0, (B, n)), rewards, lengths
+
+
+def test_batch_loss_runs_cpo_with_chosen_lengths_only(rng):
+    # Before: TypeError, cpo_loss() got an unexpected keyword argument 'rejected_lengths'.
+    logps, _, rewards, lengths = _groups(rng)
+    got = prefopt.batch_loss("cpo", logps, None, rewards, lengths=lengths, pairs="best_worst")
+    best, worst = rewards.argmax(-1), rewards.argmin(-1)
+    rows = np.arange(len(logps))
+    per_pair = prefopt.cpo_loss(
+        logps[rows, best], logps[rows, worst], chosen_lengths=lengths[rows, best]
+    )
+    per_pair[1] = 0.0  # the tied group
+    np.testing.assert_allclose(got, per_pair.sum() / len(logps), rtol=1e-14)
+
+
+def test_batch_loss_gives_group_losses_their_lengths_without_a_reference(rng):
+    # Before: lengths were dropped, so reference-free length-normalised MPO was unreachable.
+    logps, ref, rewards, lengths = _groups(rng)
+    got = prefopt.batch_loss("mpo", logps, None, rewards, lengths=lengths)
+    expected = prefopt.mpo_loss(logps, None, rewards, lengths=lengths).sum() / len(logps)
+    np.testing.assert_allclose(got, expected, rtol=1e-14)
+    with_ref = prefopt.batch_loss("mpo", logps, ref, rewards, lengths=lengths)
+    np.testing.assert_allclose(with_ref, prefopt.mpo_loss(logps, ref, rewards).mean(), rtol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["mpo", "lipo", "infonca", "nca", "plackett_luce", "sigmoid"])
+def test_every_mean_counts_the_groups_of_the_registry_rule(rng, name):
+    # Before: MPOLoss, batch_loss and LiPOLoss each had their own rule.
+    logps, ref, rewards, _ = _groups(rng)
+    mask = np.ones(rewards.shape, dtype=bool)
+    mask[2, 1:] = False  # one valid response
+    per_group = prefopt.batch_loss(name, logps, ref, rewards, mask=mask, reduction="none")
+    counts = SPECS[name].counts if SPECS[name].layout == "group" else "split"
+    keep = {
+        "split": np.array([True, False, False, True]),
+        "two valid": np.array([True, True, False, True]),
+        "one valid": np.array([True, True, True, True]),
+    }[counts]
+    mean = prefopt.batch_loss(name, logps, ref, rewards, mask=mask, reduction="mean")
+    np.testing.assert_allclose(mean, per_group[keep].mean(), rtol=1e-14)
+    torch = pytest.importorskip("torch")
+    from prefopt.backends.torch import loss_module
+
+    if SPECS[name].layout == "group":
+        module = loss_module(name)(
+            *map(torch.from_numpy, (logps, ref, rewards)), mask=torch.from_numpy(mask)
+        )
+        np.testing.assert_allclose(module.numpy(), mean, rtol=1e-14)
+
+
+def test_batch_loss_rejects_options_the_loss_does_not_take(rng):
+    logps, ref, rewards, _ = _groups(rng)
+    with pytest.raises(TypeError, match=r"batch_loss: sigmoid takes no option\(s\) \['alpha'\]"):
+        prefopt.batch_loss("sigmoid", logps, ref, rewards, alpha=1.0)

@@ -13,13 +13,14 @@ transformers = pytest.importorskip("transformers")
 
 import prefopt  # noqa: E402
 from prefopt.cli import main  # noqa: E402
+from prefopt.cli.task import builtin_model, builtin_tokenizer  # noqa: E402
+from prefopt.cli.train import Config, run  # noqa: E402
 from prefopt.integrations.transformers import (  # noqa: E402
     PreferenceCollator,
     PreferenceTrainer,
     batch_logps,
     precompute_ref_logps,
 )
-from prefopt.train import Config, builtin_model, builtin_tokenizer, run  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -164,6 +165,38 @@ def test_unknown_loss_fails_at_construction(tok, tmp_path):
         trainer(tok, tmp_path, 4, 1, loss="mpoo")
 
 
+def test_trainer_runs_cpo_which_takes_chosen_lengths_only(tok, tmp_path):
+    # Before: TypeError from cpo_loss (rejected_lengths) at the first step.
+    t = trainer(tok, tmp_path, 4, 1, loss="cpo")
+    t.train()
+    assert math.isfinite(t.state.log_history[0]["loss"])
+
+
+def test_trainer_rejects_an_option_the_loss_does_not_take(tok, tmp_path):
+    with pytest.raises(
+        TypeError, match=r"PreferenceTrainer: sigmoid takes no option\(s\) \['alpha'\]"
+    ):
+        trainer(tok, tmp_path, 4, 1, loss="sigmoid", loss_options={"alpha": 1.0})
+
+
+@pytest.mark.parametrize("loss,options,beta", [("ipo", {"beta": 0.5}, 0.5), ("simpo", {}, 2.0)])
+def test_metrics_use_the_beta_the_loss_used(tok, loss, options, beta):
+    # Before: the implicit rewards were logged with beta 0.1 whatever the loss used.
+    from prefopt.integrations.transformers import loss_and_metrics
+
+    batch = PreferenceCollator(tok)(ROWS)
+    ref = tiny(tok, seed=1)
+    _, metrics, logps = loss_and_metrics(tiny(tok), batch, ref_model=ref, loss=loss, **options)
+    if prefopt.losses.registry.spec(loss).reference != "none":
+        ref_logps, lengths = batch_logps(ref, batch)[0], None
+    else:  # reference-free SimPO: implicit rewards per token
+        ref_logps, lengths = None, batch_logps(tiny(tok), batch)[1]
+    expected = prefopt.metrics.group_metrics(
+        logps.detach(), ref_logps, batch["rewards"], mask=batch["mask"], lengths=lengths, beta=beta
+    )
+    torch.testing.assert_close(metrics["rewards/chosen"], expected["rewards/chosen"])
+
+
 # ---- prefopt train ----------------------------------------------------------------------
 
 
@@ -181,6 +214,25 @@ def test_train_writes_metrics_plot_and_checkpoint(tmp_path):
     assert {"loss", "reward", "rewards/margins"} <= set(lines[-1])
     assert (out / "training.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "checkpoint" / "state.pt").is_file() and (out / "model" / "config.json").is_file()
+
+
+def test_loss_options_default_to_the_loss_and_reject_what_it_does_not_take(tmp_path):
+    from prefopt.cli.train import UserError, check
+
+    # Before: --beta 0.1 was always sent, so SimPO ran with beta 0.1 instead of its 2.0.
+    assert check(small(tmp_path, loss="simpo")) == {}
+    assert check(small(tmp_path, loss="simpo", beta=1.5)) == {"beta": 1.5}
+    # Before: --alpha was silently ignored by every loss but MPO.
+    with pytest.raises(UserError, match="--alpha: --loss simpo takes no option 'alpha'"):
+        check(small(tmp_path, loss="simpo", alpha=2.0))
+    with pytest.raises(UserError, match="loss options: .*label_smoothing must lie in"):
+        check(small(tmp_path, loss="sigmoid", extra={"label_smoothing": 0.9}))
+
+
+@pytest.mark.parametrize("loss,extra", [("cpo", {}), ("mpo", {"no_reference": True})])
+def test_train_runs_cpo_and_reference_free_mpo(tmp_path, loss, extra):
+    records = run(small(tmp_path, loss=loss, steps=2, **extra))
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
 
 
 def test_resume_continues_with_identical_results(tmp_path):
@@ -227,7 +279,7 @@ def test_offline_training_on_jsonl_and_a_local_model(tmp_path, tok):
         (None, ["--loss", "mpoo"], "unknown loss 'mpoo'. Known losses:"),
         (None, ["--loss", "kto"], "--loss kto needs unpaired data"),
         (None, ["--steps", "0"], "--steps must be >= 1; got 0"),
-        (None, ["--option", "gamma=1"], "--option: mpo takes no ['gamma']"),
+        (None, ["--option", "gamma=1"], "--option gamma: --loss mpo takes no option 'gamma'"),
         (None, ["--resume"], "--resume: no checkpoint in {tmp}/out"),
     ],
 )

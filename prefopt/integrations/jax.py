@@ -14,6 +14,8 @@ from typing import Any
 import jax
 
 import prefopt
+from prefopt.integrations.data import group_loss_and_metrics
+from prefopt.losses.registry import spec
 
 __all__ = ["loss_and_metrics", "make_train_step"]
 
@@ -68,25 +70,9 @@ def loss_and_metrics(
     )
     logps, lengths = prefopt.causal_lm_logps(logits, batch["labels"].reshape(B * n, T))
     logps, lengths = logps.reshape(B, n), lengths.reshape(B, n)
-    ref = batch.get("ref_logps")
-    value = prefopt.batch_loss(
-        loss,
-        logps,
-        ref,
-        batch["rewards"],
-        mask=batch["mask"],
-        lengths=lengths,
-        pairs=pairs,
-        **options,
+    return group_loss_and_metrics(
+        loss, logps, batch.get("ref_logps"), batch, lengths, pairs=pairs, options=options
     )
-    metrics = prefopt.metrics.group_metrics(
-        jax.lax.stop_gradient(logps),
-        ref,
-        batch["rewards"],
-        mask=batch["mask"],
-        beta=options.get("beta", 0.1),
-    )
-    return value, metrics
 
 
 def make_train_step(
@@ -113,7 +99,8 @@ def make_train_step(
     """
     import optax
 
-    prefopt.get_loss(loss)  # an unknown name fails here, not inside the trace
+    # an unknown loss or an option it does not take fails here, not inside the trace
+    spec(loss, "make_train_step").options(options, fn="make_train_step")
 
     def step(params, opt_state, batch):
         (value, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(

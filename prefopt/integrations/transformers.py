@@ -19,8 +19,8 @@ import torch
 import transformers
 
 import prefopt
-from prefopt.integrations.data import collate_ids, group_rows
-from prefopt.losses.registry import entry
+from prefopt.integrations.data import collate_ids, group_loss_and_metrics, group_rows
+from prefopt.losses.registry import spec
 
 __all__ = [
     "PreferenceCollator",
@@ -140,25 +140,14 @@ def loss_and_metrics(
     """
     logps, lengths = batch_logps(model, batch)
     ref = None
-    if entry(loss).kind != "reference-free":
+    if spec(loss, "loss_and_metrics").reference != "none":
         ref = batch.get("ref_logps")
         if ref is None and ref_model is not None:
             with torch.no_grad():
                 ref, _ = batch_logps(ref_model, batch)
-    value = prefopt.batch_loss(
-        loss,
-        logps,
-        ref,
-        batch["rewards"],
-        mask=batch["mask"],
-        lengths=lengths,
-        pairs=pairs,
-        **options,
+    value, metrics = group_loss_and_metrics(
+        loss, logps, ref, batch, lengths, pairs=pairs, options=options
     )
-    with torch.no_grad():
-        metrics = prefopt.metrics.group_metrics(
-            logps.detach(), ref, batch["rewards"], mask=batch["mask"], beta=options.get("beta", 0.1)
-        )
     return value, metrics, logps
 
 
@@ -194,7 +183,8 @@ class PreferenceTrainer(transformers.Trainer):
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        entry(loss, "PreferenceTrainer")  # an unknown name fails here, not at step 1
+        # an unknown loss or an option it does not take fails here, not at step 1
+        spec(loss, "PreferenceTrainer").options(loss_options, fn="PreferenceTrainer")
         self.loss_name, self.loss_options, self.pairs = loss, dict(loss_options or {}), pairs
         self.ref_model = ref_model
         if ref_model is not None:

@@ -11,16 +11,11 @@ from array_api_compat import device
 
 from prefopt import _checks
 from prefopt._ops import Array, get_namespace
-from prefopt.losses.group import group_inputs, nan_where_unchecked, split
-from prefopt.losses.registry import LossEntry, entry, parameters
+from prefopt.losses.group import mpo_split, split
+from prefopt.losses.inputs import Group, group_arrays, group_rewards, nan_where_unchecked
+from prefopt.losses.registry import INPUTS, POSITIONAL, LossSpec, spec
 
-# The arrays each layout passes positionally, in order.
-_POSITIONAL = {
-    "pair": ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"),
-    "unpaired": ("logps", "ref_logps", "desirable"),
-    "group": ("logps", "ref_logps", "rewards"),
-}
-_LAYOUT = {"pairwise": "pair", "reference-free": "pair", "unpaired": "unpaired", "group": "group"}
+REDUCTIONS = ("mean", "batchmean", "sum", "none")
 
 
 def combine_losses(
@@ -78,25 +73,20 @@ def combine_losses(
     stray = sorted(set(options) - set(weights))
     if stray:
         raise ValueError(f"{fn}: options given for {stray}, which are not in weights")
-    parts, layouts = [], set()
+    parts = []
     for name, weight in weights.items():
-        found: LossEntry = entry(name, fn)
+        found: LossSpec = spec(name, fn)
         weight = _checks.finite(fn, f"weights[{name!r}]", weight)
-        params, allowed = parameters(found.fn)
-        unknown = sorted(set(options.get(name, {})) - allowed)
-        if unknown:
-            raise TypeError(
-                f"{fn}: {name} takes no option(s) {unknown}; it takes {sorted(allowed)}"
-            )
-        layouts.add(_LAYOUT[found.kind])
-        parts.append((found.fn, weight, params, dict(options.get(name, {}))))
+        found.options(options.get(name), fn=fn)  # an option the loss does not take raises
+        parts.append((found, weight, dict(options.get(name, {}))))
+    layouts = {found.layout for found, _, _ in parts}
     if len(layouts) > 1:
         raise ValueError(
             f"{fn}: losses of different data cannot be summed; got {', '.join(sorted(layouts))} "
             f"losses in {sorted(weights)}"
         )
-    positional = _POSITIONAL[layouts.pop()]
-    accepted = set().union(*(p[2] for p in parts)) | {"xp"}
+    layout = layouts.pop()
+    positional = POSITIONAL[layout]
 
     def combined(*arrays: Array, **inputs: Array) -> Array:
         if len(arrays) > len(positional):
@@ -106,15 +96,12 @@ def combine_losses(
         if twice:
             raise TypeError(f"combined loss: {twice} given positionally and by keyword")
         bound.update(inputs)
-        unused = sorted(set(bound) - accepted)
+        unused = sorted(set(bound) - set(INPUTS[layout]) - {"xp"})
         if unused:
             raise TypeError(f"combined loss: no loss of {sorted(weights)} takes {unused}")
         total = None
-        for loss_fn, weight, names, opts in parts:
-            args = {k: v for k, v in bound.items() if k in names}
-            if "ref_logps" in names:
-                args.setdefault("ref_logps", None)
-            loss = weight * loss_fn(**args, **opts)
+        for found, weight, opts in parts:
+            loss = weight * found.fn(**found.takes(bound), **opts)
             total = loss if total is None else total + loss
         return total
 
@@ -182,8 +169,8 @@ def group_pairwise_loss(
         Optimization", arXiv:2412.04628.
     """
     fn = "group_pairwise_loss"
-    found = entry(loss, fn)
-    if found.kind not in ("pairwise", "reference-free") or found.couples_batch:
+    found = spec(loss, fn)
+    if found.layout != "pair" or found.couples_batch:
         raise ValueError(
             f"{fn}: loss must be a pairwise loss that does not sort across the batch; "
             f"got {loss!r} ({found.kind}{', couples the batch' if found.couples_batch else ''})"
@@ -191,22 +178,25 @@ def group_pairwise_loss(
     _checks.one_of(fn, "pairs", pairs, ("all", "best_worst"))
     if pairs == "best_worst" and chosen is not None:
         raise ValueError(f"{fn}: chosen applies to pairs='all' only")
-    params, _ = parameters(found.fn)
-    if ref_logps is not None and "ref_chosen_logps" not in params:
+    options = found.options(options, fn=fn)
+    if ref_logps is not None and found.reference == "none":
         raise ValueError(f"{fn}: {loss!r} is reference-free; pass ref_logps=None")
-    if lengths is not None and "chosen_lengths" not in params:
+    if lengths is not None and found.lengths == "none":
         raise ValueError(f"{fn}: {loss!r} takes no lengths; pass lengths=None")
-    xp = get_namespace(logps, ref_logps, rewards, mask, chosen, lengths, xp=xp)
-    logps, ref_logps, rewards, valid, lengths = group_inputs(
-        fn, xp, logps, ref_logps, rewards, mask, lengths, chosen
+    if lengths is None and found.lengths == "required":
+        raise ValueError(f"{fn}: {loss!r} needs lengths (response token counts), shape (B, n)")
+    xp, logps, ref_logps, rewards, mask, lengths = group_arrays(
+        fn, logps, ref_logps, rewards, mask, lengths, chosen, xp
     )
+    group = Group(xp, None, *group_rewards(fn, rewards, mask, xp, check_values), 1.0)
+    groups = split(group, chosen)
+    valid = groups.chosen | groups.rejected
     # Padding may hold NaN: replace it before any arithmetic (its pairs are dropped below).
     arrays = {"logps": xp.where(valid, logps, 0.0)}
     if ref_logps is not None:
         arrays["ref_logps"] = xp.where(valid, ref_logps, 0.0)
     if lengths is not None:
         arrays["lengths"] = xp.where(valid, lengths, 1.0)
-    groups = split(fn, rewards, valid, chosen, xp, check_values)
     B, n = logps.shape
     if pairs == "all":
         take = (groups.chosen, groups.rejected)
@@ -237,7 +227,7 @@ def group_pairwise_loss(
         )
     if lengths is not None:
         call.update(chosen_lengths=sides[0]["lengths"], rejected_lengths=sides[1]["lengths"])
-    per_pair = found.fn(**call, **options, xp=xp)
+    per_pair = found.fn(**found.takes(call), **options, xp=xp)
     if pairs == "all":
         per_pair = xp.reshape(per_pair, (B, n, n))
         count = xp.sum(xp.astype(selected, per_pair.dtype), axis=(-2, -1))
@@ -245,7 +235,7 @@ def group_pairwise_loss(
         loss = total / xp.clip(count, min=1.0)
     else:
         loss = xp.where(groups.counted, per_pair, 0.0)
-    return nan_where_unchecked(loss, groups.total, groups.checked, xp)
+    return nan_where_unchecked(loss, group)
 
 
 def batch_loss(
@@ -257,10 +247,13 @@ def batch_loss(
     mask: Array | None = None,
     lengths: Array | None = None,
     pairs: str = "all",
+    reduction: str = "batchmean",
     xp: ModuleType | None = None,
     **options: Any,
 ) -> Array:
     r"""Any registered loss on a group batch, reduced to one training loss.
+
+    With the default ``reduction="batchmean"``:
 
     $$
     L = \frac{1}{B}\sum_{b=1}^{B} \ell_b
@@ -269,11 +262,15 @@ def batch_loss(
     over all B groups, degenerate ones (loss 0) included: the mean of the losses of
     equal-sized micro-batches, or of equal-sized per-device batches, is then exactly the
     loss of the whole batch, so gradient accumulation and data parallelism give the
-    gradient of one large batch. Group losses take the groups as they are; pairwise and
-    reference-free losses run through [`group_pairwise_loss`][prefopt.group_pairwise_loss]
-    (pair rows, groups of two with rewards 1 and 0, give the plain pairwise loss), the
-    reference-free ones without ``ref_logps``, and those that take token counts with
-    ``lengths``. This is what the trainer integrations and ``prefopt train`` minimise.
+    gradient of one large batch. ``reduction="mean"`` divides by the number of groups that
+    count instead (the loss's counting rule, as the torch modules' ``"mean"``).
+
+    Group losses take the groups as they are, with ``lengths`` when ``ref_logps`` is
+    ``None`` (the reference-free, length-normalised variant). Pairwise and reference-free
+    losses run through [`group_pairwise_loss`][prefopt.group_pairwise_loss] (pair rows,
+    groups of two with rewards 1 and 0, give the plain pairwise loss), the reference-free
+    ones without ``ref_logps``, and those that take token counts with ``lengths``. This is
+    what the trainer integrations and ``prefopt train`` minimise.
 
     Args:
         loss: A registered name (``"mpo"``, ``"sigmoid"``...). ``"kto"`` is refused: it
@@ -285,50 +282,116 @@ def batch_loss(
         lengths: (B, n) response token counts, for the losses that take lengths.
             Default ``None``.
         pairs: ``"all"`` (default) or ``"best_worst"``, for pairwise losses.
+        reduction: ``"batchmean"`` (default), ``"mean"`` (over the groups that count),
+            ``"sum"`` or ``"none"`` ((B,) per group).
         xp: The array namespace, if known.
-        **options: Options of the loss, e.g. ``beta=0.1``.
+        **options: Options of the loss, e.g. ``beta=0.1``; the loss's own defaults apply
+            to the others.
 
     Returns:
-        A 0-d array.
+        A 0-d array ((B,) with ``reduction="none"``).
+
+    Raises:
+        ValueError: For an unknown or unpaired loss, a loss that sorts across the batch,
+            missing lengths that the loss needs, or a bad reduction.
+        TypeError: For an option the loss does not take.
 
     References:
         Gupta et al., "Multi-Preference Optimization", arXiv:2412.04628 (the group losses);
         Goyal et al., "Accurate, Large Minibatch SGD", arXiv:1706.02677 (why equal-weight
         per-replica means make data parallelism match one large batch).
 
-    Example:
+    Examples:
         >>> import numpy as np, prefopt
         >>> logps = np.array([[-4.0, -6.0, -5.0], [-3.0, -3.5, -9.0]])
         >>> rewards = np.array([[1.0, 0.0, 0.5], [2.0, 2.0, 2.0]])  # group 2: degenerate
         >>> per_group = prefopt.mpo_loss(logps, None, rewards)
         >>> bool(prefopt.batch_loss("mpo", logps, None, rewards) == per_group.sum() / 2)
         True
+        >>> bool(prefopt.batch_loss("mpo", logps, None, rewards, reduction="mean") == per_group[0])
+        True
     """
     fn = "batch_loss"
-    found = entry(loss, fn)
-    if found.kind == "unpaired":
+    found = spec(loss, fn)
+    _checks.one_of(fn, "reduction", reduction, REDUCTIONS)
+    if found.layout == "unpaired":
         raise ValueError(f"{fn}: {loss!r} needs unpaired data, not groups or pairs")
+    options = found.options(options, fn=fn)
     xp = get_namespace(logps, ref_logps, rewards, mask, lengths, xp=xp)
-    if found.kind == "group":
-        per_group = found.fn(logps, ref_logps, rewards, mask=mask, xp=xp, **options)
+    if found.layout == "group":
+        if ref_logps is not None:
+            lengths = None  # lengths normalise the reference-free variant only
+        per_group = found.fn(
+            logps, ref_logps, rewards, mask=mask, lengths=lengths, xp=xp, **options
+        )
+        counts = found.counts
     else:
-        takes_lengths = "chosen_lengths" in parameters(found.fn)[0]
-        if takes_lengths and lengths is None:
-            raise ValueError(f"{fn}: {loss!r} needs lengths (response token counts)")
-        if takes_lengths and mask is not None:
+        if found.lengths == "none":
+            lengths = None
+        elif lengths is not None and mask is not None:
             lengths = xp.where(mask, lengths, 1.0)  # padding slots: any positive count
         per_group = group_pairwise_loss(
             loss,
             logps,
-            None if found.kind == "reference-free" else ref_logps,
+            None if found.reference == "none" else ref_logps,
             rewards,
             mask=mask,
-            lengths=lengths if takes_lengths else None,
+            lengths=lengths,
             pairs=pairs,
             xp=xp,
             **options,
         )
-    return xp.sum(per_group) / per_group.shape[0]
+        counts = "split"  # the groups with a chosen and a rejected response
+    if reduction == "mean":
+        return reduce(per_group, reduction, counted(counts, rewards, mask, xp=xp), xp=xp)
+    return reduce(per_group, reduction, None, xp=xp)
+
+
+def counted(
+    counts: str,
+    rewards: Array,
+    mask: Array | None = None,
+    chosen: Array | None = None,
+    *,
+    xp: ModuleType,
+) -> Array | None:
+    """The (B,) examples that a mean counts under the rule ``counts``; ``None``: all of them.
+
+    Args:
+        counts: A [`LossSpec.counts`][prefopt.losses.registry.LossSpec] rule.
+        rewards: (B, n) rewards of a group batch, or any (B,) array for ``"all"``.
+        mask: (B, n) boolean, the real responses, or ``None``: all.
+        chosen: (B, n) explicit chosen set (MPO), or ``None``.
+        xp: The array namespace.
+
+    Returns:
+        A boolean (B,) array, or ``None`` for ``"all"``.
+    """
+    if counts == "all":
+        return None
+    if counts == "split":
+        return mpo_split(rewards, mask=mask, chosen=chosen, check_values=False, xp=xp)[2]
+    need = 2 if counts == "two valid" else 1
+    if mask is None:
+        return xp.full(rewards.shape[:1], rewards.shape[-1] >= need, device=device(rewards))
+    return xp.sum(xp.astype(mask, xp.int32), axis=-1) >= need
+
+
+def reduce(loss: Array, reduction: str, counted: Array | None, *, xp: ModuleType) -> Array:
+    """Reduce per-example losses: the one definition of every ``reduction``.
+
+    ``"none"``: as they are; ``"sum"``; ``"batchmean"``: the sum over the batch size;
+    ``"mean"``: the sum over the number of ``counted`` examples (all when ``None``). An
+    empty selection, or an empty batch, gives 0 with a zero gradient.
+    """
+    if reduction == "none":
+        return loss
+    total = xp.sum(loss)
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean" or counted is None:
+        return total / max(loss.shape[0], 1)
+    return total / xp.clip(xp.sum(xp.astype(counted, loss.dtype)), min=1.0)
 
 
 def pairs_as_groups(

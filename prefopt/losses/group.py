@@ -10,108 +10,16 @@ from array_api_compat import device
 
 from prefopt import _checks
 from prefopt._ops import Array, get_namespace, log_sigmoid, logsumexp, stop_gradient
+from prefopt.losses.inputs import (
+    WEIGHTINGS,
+    Group,
+    group_inputs,
+    group_rewards,
+    nan_where_unchecked,
+    valid_of,
+)
 
-WEIGHTINGS = ("abs", "signed", "squared", "none")
-
-
-def group_inputs(
-    fn: str,
-    xp: ModuleType,
-    logps: Array,
-    ref_logps: Array | None,
-    rewards: Array,
-    mask: Array | None,
-    lengths: Array | None,
-    chosen: Array | None = None,
-) -> tuple[Array, Array | None, Array, Array, Array | None]:
-    """Validate the shapes and dtypes of a group batch.
-
-    Returns ``(logps, ref_logps, rewards, valid, lengths)``: log-probs and lengths in the
-    compute dtype (see ``_checks.compute_dtype``), integer rewards cast to it.
-    """
-    _checks.same_shape(
-        fn,
-        "B, n",
-        {
-            "logps": logps,
-            "ref_logps": ref_logps,
-            "rewards": rewards,
-            "mask": mask,
-            "lengths": lengths,
-            "chosen": chosen,
-        },
-    )
-    _checks.floating(fn, "logps", logps, xp)
-    if chosen is not None:
-        _checks.boolean(fn, "chosen", chosen, xp)
-    if ref_logps is not None:
-        _checks.floating(fn, "ref_logps", ref_logps, xp)
-    if lengths is not None:
-        _checks.numeric(fn, "lengths", lengths, xp)
-    dtype = _checks.compute_dtype(xp, logps, ref_logps)
-    logps, ref_logps, lengths = (_checks.cast(x, dtype, xp) for x in (logps, ref_logps, lengths))
-    return logps, ref_logps, _rewards(fn, xp, rewards, dtype), _valid(fn, xp, mask, logps), lengths
-
-
-def _valid(fn: str, xp: ModuleType, mask: Array | None, like: Array) -> Array:
-    if mask is None:
-        return xp.ones(like.shape, dtype=xp.bool, device=device(like))
-    _checks.boolean(fn, "mask", mask, xp)
-    return mask
-
-
-def _rewards(fn: str, xp: ModuleType, rewards: Array, dtype) -> Array:
-    """Integer ratings become ``dtype``; floating rewards keep their own dtype."""
-    _checks.numeric(fn, "rewards", rewards, xp)
-    if not _checks.is_floating(rewards.dtype, xp):
-        rewards = xp.astype(rewards, dtype)
-    return rewards
-
-
-def scores(
-    logps: Array,
-    ref_logps: Array | None,
-    valid: Array,
-    lengths: Array | None,
-    beta: float,
-    xp: ModuleType,
-) -> Array:
-    r"""$s_i = \beta\,h(y_i)$ on valid slots, exactly 0 on padding (whatever it holds)."""
-    # Padding may hold NaN or -inf (a masked log-softmax): replace it before any arithmetic,
-    # so that neither a value, a gradient nor a NumPy warning ever comes from it.
-    h = xp.where(valid, logps, 0.0)
-    if ref_logps is not None:
-        h = h - xp.where(valid, ref_logps, 0.0)
-    if lengths is not None:
-        h = h / xp.where(valid, lengths, 1.0)
-    return beta * h
-
-
-def group_scores(
-    fn: str,
-    xp: ModuleType,
-    logps: Array,
-    ref_logps: Array | None,
-    rewards: Array,
-    mask: Array | None,
-    lengths: Array | None,
-    beta: float,
-    check_values: bool | None,
-    chosen: Array | None = None,
-) -> tuple[Array, Array, Array]:
-    """Validate a group batch; return its scores ``s``, ``rewards`` and ``valid`` mask."""
-    beta = _checks.positive(fn, "beta", beta)
-    if lengths is not None and ref_logps is not None:
-        raise ValueError(
-            f"{fn}: lengths normalise the reference-free variant only; "
-            "pass ref_logps=None or leave lengths out"
-        )
-    logps, ref_logps, rewards, valid, lengths = group_inputs(
-        fn, xp, logps, ref_logps, rewards, mask, lengths, chosen
-    )
-    if lengths is not None and _checks.values_checked(lengths, xp, check_values):
-        _checks.positive_where(fn, "lengths", lengths, valid, xp)
-    return scores(logps, ref_logps, valid, lengths, beta, xp), rewards, valid
+__all__ = ["WEIGHTINGS"]  # re-exported for the docs of weighting
 
 
 class Split(NamedTuple):
@@ -121,35 +29,26 @@ class Split(NamedTuple):
     chosen: Array  # (B, n) bool
     rejected: Array  # (B, n) bool
     counted: Array  # (B,) bool: both sets non-empty
-    total: Array  # (B, 1) sum of the valid rewards: non-finite exactly when one of them is
-    checked: bool  # whether the rewards were checked to be finite
 
 
-def split(
-    fn: str, rewards: Array, valid: Array, chosen: Array | None, xp: ModuleType, check_values
-) -> Split:
-    """The MPO mean split; raises on non-finite valid rewards where values can be read."""
-    r, total, checked = _group_rewards(fn, rewards, valid, xp, check_values)
-    count = xp.sum(xp.astype(valid, r.dtype), axis=-1, keepdims=True)
-    deviation = r - total / xp.clip(count, min=1.0)
-    chosen = (deviation > 0.0 if chosen is None else chosen) & valid
-    rejected = valid ^ chosen
+def split(group: Group, chosen: Array | None = None) -> Split:
+    """The MPO mean split of a checked group batch, or the explicit ``chosen`` set."""
+    xp, r, valid = group.xp, group.rewards, group.valid
+    if valid is None:
+        count = float(r.shape[-1])
+    else:
+        count = xp.clip(xp.sum(xp.astype(valid, r.dtype), axis=-1, keepdims=True), min=1.0)
+    deviation = r - group.total / count
+    chosen = deviation > 0.0 if chosen is None else chosen
+    if valid is None:
+        rejected = ~chosen
+    else:
+        chosen = chosen & valid
+        rejected = valid ^ chosen
     # Both any()s are needed even for the mean split: equal rewards whose computed mean
     # rounds below them (7.300473036790027 five times) would all land in Y+.
     counted = xp.any(chosen, axis=-1) & xp.any(rejected, axis=-1)
-    return Split(deviation, chosen, rejected, counted, total, checked)
-
-
-def _rewards_checked(fn: str, rewards: Array, total: Array, xp: ModuleType, check_values) -> bool:
-    if not _checks.values_checked(rewards, xp, check_values):
-        return False
-    bad = _checks.count_false(xp.isfinite(total), xp)
-    if bad:
-        raise ValueError(
-            f"{fn}: rewards must be finite where mask is true; "
-            f"got NaN or infinite rewards in {bad} group(s)"
-        )
-    return bad is not None
+    return Split(deviation, chosen, rejected, counted)
 
 
 def mpo_split(
@@ -198,13 +97,16 @@ def mpo_split(
     fn = "mpo_split"
     xp = get_namespace(rewards, mask, chosen, xp=xp)
     _checks.same_shape(fn, "B, n", {"rewards": rewards, "mask": mask, "chosen": chosen})
-    if chosen is not None:
-        _checks.boolean(fn, "chosen", chosen, xp)
-    valid = _valid(fn, xp, mask, rewards)
-    # Integer ratings split exactly in float32: a mean of integers is either an integer
-    # (representable) or at least 1/n away from every integer.
-    rewards = _rewards(fn, xp, rewards, xp.float32)
-    groups = split(fn, rewards, valid, chosen, xp, check_values)
+    for name, x in (("mask", mask), ("chosen", chosen)):
+        if x is not None:
+            _checks.boolean(fn, name, x, xp)
+    _checks.numeric(fn, "rewards", rewards, xp)
+    if not _checks.is_floating(rewards.dtype, xp):
+        # Integer ratings split exactly in float32: a mean of integers is either an integer
+        # (representable) or at least 1/n away from every integer.
+        rewards = xp.astype(rewards, xp.float32)
+    group = Group(xp, None, *group_rewards(fn, rewards, mask, xp, check_values), 1.0)
+    groups = split(group, chosen)
     return groups.chosen, groups.rejected, groups.counted
 
 
@@ -290,51 +192,24 @@ def mpo_loss(
         >>> prefopt.mpo_loss(logps, None, rewards, weighting="none").round(6)
         array([0.598139])
     """
-    fn = "mpo_loss"
-    xp = get_namespace(logps, ref_logps, rewards, mask, chosen, lengths, xp=xp)
-    alpha = _checks.non_negative(fn, "alpha", alpha)
-    _checks.one_of(fn, "weighting", weighting, WEIGHTINGS)
-    s, rewards, valid = group_scores(
-        fn, xp, logps, ref_logps, rewards, mask, lengths, beta, check_values, chosen
-    )
-    groups = split(fn, rewards, valid, chosen, xp, check_values)
-    counted = groups.counted
+    g = group_inputs("mpo_loss", locals())
+    groups = split(g, chosen)
+    s = g.scores
     if weighting != "none":
-        d = _checks.cast(groups.deviation, s.dtype, xp)
-        if weighting == "abs":
-            d = xp.abs(d)
-        elif weighting == "squared":
-            d = d * d
-        s = s + alpha * d
-    lse_rejected = logsumexp(s, mask=groups.rejected, xp=xp)
+        d = _checks.cast(groups.deviation, s.dtype, g.xp)
+        log_w = {"abs": g.xp.abs(d), "signed": d, "squared": d * d}[weighting]
+        s = s + alpha * log_w
+    lse_rejected = logsumexp(s, mask=groups.rejected, xp=g.xp)
     if mask is not None:
         # A group with no valid response has two empty sets, -inf - -inf; its loss is
         # discarded below, but the subtraction must not produce NaN (or NumPy warnings).
-        lse_rejected = xp.where(xp.any(valid, axis=-1), lse_rejected, 0.0)
-    margin = logsumexp(s, mask=groups.chosen, xp=xp) - lse_rejected
+        lse_rejected = g.xp.where(g.xp.any(mask, axis=-1), lse_rejected, 0.0)
+    margin = logsumexp(s, mask=groups.chosen, xp=g.xp) - lse_rejected
     # A degenerate group gets margin +inf, where -log(sigmoid) and its gradient are exactly
     # 0; replacing it before the log-sigmoid keeps the -inf it had out of every backward.
     # (0 - x, not -x: log_sigmoid(inf) is 0.0 in PyTorch, and -0.0 would print as "-0.")
-    loss = 0.0 - log_sigmoid(xp.where(counted, margin, math.inf), xp=xp)
-    return nan_where_unchecked(loss, groups.total, groups.checked, xp)
-
-
-def nan_where_unchecked(loss: Array, total: Array, checked: bool, xp: ModuleType) -> Array:
-    """Loss NaN for the groups whose reward sum ``total`` (B, 1) is not finite, unless checked.
-
-    Unchecked rewards (traced, on an accelerator, or ``check_values=False``): a group with a
-    non-finite reward gets a visible NaN rather than a silently skipped group.
-    """
-    return loss if checked else xp.where(xp.isfinite(total[..., 0]), loss, math.nan)
-
-
-def _group_rewards(
-    fn: str, rewards: Array, valid: Array, xp: ModuleType, check_values
-) -> tuple[Array, Array, bool]:
-    """Rewards with padding set to 0, their sum per group (B, 1), and whether they were checked."""
-    r = xp.where(valid, rewards, 0.0)
-    total = xp.sum(r, axis=-1, keepdims=True)
-    return r, total, _rewards_checked(fn, rewards, total, xp, check_values)
+    loss = 0.0 - log_sigmoid(g.xp.where(groups.counted, margin, math.inf), xp=g.xp)
+    return nan_where_unchecked(loss, g)
 
 
 def _log_softmax(x: Array, valid: Array, xp: ModuleType) -> Array:
@@ -393,16 +268,13 @@ def infonca_loss(
         Chen et al., "Noise Contrastive Alignment of Language Models with Explicit
         Rewards", NeurIPS 2024, arXiv:2402.05369.
     """
-    fn = "infonca_loss"
-    xp = get_namespace(logps, ref_logps, rewards, mask, lengths, xp=xp)
-    tau = _checks.positive(fn, "tau", tau)
-    s, rewards, valid = group_scores(
-        fn, xp, logps, ref_logps, rewards, mask, lengths, beta, check_values
+    g = group_inputs("infonca_loss", locals())
+    valid = valid_of(g)
+    terms = _target(g.rewards, valid, tau, g.scores.dtype, g.xp) * _log_softmax(
+        g.scores, valid, g.xp
     )
-    r, total, checked = _group_rewards(fn, rewards, valid, xp, check_values)
-    terms = _target(r, valid, tau, s.dtype, xp) * _log_softmax(s, valid, xp)
-    loss = 0.0 - xp.sum(xp.where(valid, terms, 0.0), axis=-1)
-    return nan_where_unchecked(loss, total, checked, xp)
+    loss = 0.0 - g.xp.sum(g.xp.where(valid, terms, 0.0), axis=-1)
+    return nan_where_unchecked(loss, g)
 
 
 def nca_loss(
@@ -450,19 +322,13 @@ def nca_loss(
         Chen et al., "Noise Contrastive Alignment of Language Models with Explicit
         Rewards", NeurIPS 2024, arXiv:2402.05369.
     """
-    fn = "nca_loss"
-    xp = get_namespace(logps, ref_logps, rewards, mask, lengths, xp=xp)
-    tau = _checks.positive(fn, "tau", tau)
-    s, rewards, valid = group_scores(
-        fn, xp, logps, ref_logps, rewards, mask, lengths, beta, check_values
-    )
-    r, total, checked = _group_rewards(fn, rewards, valid, xp, check_values)
-    count = xp.sum(xp.astype(valid, s.dtype), axis=-1, keepdims=True)
-    terms = _target(r, valid, tau, s.dtype, xp) * log_sigmoid(s, xp=xp) + log_sigmoid(
-        -s, xp=xp
-    ) / xp.clip(count, min=1.0)
+    g = group_inputs("nca_loss", locals())
+    xp, s, valid = g.xp, g.scores, valid_of(g)
+    count = xp.clip(xp.sum(xp.astype(valid, s.dtype), axis=-1, keepdims=True), min=1.0)
+    p = _target(g.rewards, valid, tau, s.dtype, xp)
+    terms = p * log_sigmoid(s, xp=xp) + log_sigmoid(-s, xp=xp) / count
     loss = 0.0 - xp.sum(xp.where(valid, terms, 0.0), axis=-1)
-    return nan_where_unchecked(loss, total, checked, xp)
+    return nan_where_unchecked(loss, g)
 
 
 def _ranked_before(x: Array, valid: Array, xp: ModuleType) -> Array:
@@ -516,18 +382,14 @@ def plackett_luce_loss(
         Rafailov et al., "Direct Preference Optimization", NeurIPS 2023, arXiv:2305.18290,
         appendix A.3 (the Plackett-Luce model).
     """
-    fn = "plackett_luce_loss"
-    xp = get_namespace(logps, ref_logps, rewards, mask, lengths, xp=xp)
-    s, rewards, valid = group_scores(
-        fn, xp, logps, ref_logps, rewards, mask, lengths, beta, check_values
-    )
-    r, total, checked = _group_rewards(fn, rewards, valid, xp, check_values)
+    g = group_inputs("plackett_luce_loss", locals())
+    xp, s, valid = g.xp, g.scores, valid_of(g)
     # The responses still to be placed when slot i is picked: i and all ranked after it.
     # The last one's term is s - logsumexp({s}) = 0 exactly, so k runs over all slots.
-    remaining = ~_ranked_before(r, valid, xp) & xp.expand_dims(valid, axis=-2)
+    remaining = ~_ranked_before(g.rewards, valid, xp) & xp.expand_dims(valid, axis=-2)
     lse = logsumexp(xp.expand_dims(s, axis=-2), mask=remaining, xp=xp)
     loss = 0.0 - xp.sum(xp.where(valid, s - lse, 0.0), axis=-1)
-    return nan_where_unchecked(loss, total, checked, xp)
+    return nan_where_unchecked(loss, g)
 
 
 def lipo_loss(
@@ -576,12 +438,8 @@ def lipo_loss(
         Liu et al., "LiPO: Listwise Preference Optimization through Learning-to-Rank",
         arXiv:2402.01878.
     """
-    fn = "lipo_loss"
-    xp = get_namespace(logps, ref_logps, rewards, mask, lengths, xp=xp)
-    s, rewards, valid = group_scores(
-        fn, xp, logps, ref_logps, rewards, mask, lengths, beta, check_values
-    )
-    r, total, checked = _group_rewards(fn, rewards, valid, xp, check_values)
+    g = group_inputs("lipo_loss", locals())
+    xp, s, r, valid = g.xp, g.scores, g.rewards, valid_of(g)
     gain = xp.expm1(r * math.log(2.0))  # 2^r - 1; 0 on padding
     ideal_rank = 1.0 + xp.sum(xp.astype(_ranked_before(r, valid, xp), r.dtype), axis=-1)
     max_dcg = xp.sum(xp.where(valid, gain / xp.log2(1.0 + ideal_rank), 0.0), axis=-1, keepdims=True)
@@ -602,4 +460,4 @@ def lipo_loss(
     margins = xp.expand_dims(s, axis=-1) - xp.expand_dims(s, axis=-2)
     terms = stop_gradient(delta, xp=xp) * log_sigmoid(margins, xp=xp)
     loss = 0.0 - xp.sum(xp.where(pairs, terms, 0.0), axis=(-2, -1))
-    return nan_where_unchecked(loss, total, checked, xp)
+    return nan_where_unchecked(loss, g)

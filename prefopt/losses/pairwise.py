@@ -6,112 +6,10 @@ import math
 from types import ModuleType
 
 from prefopt import _checks
-from prefopt._ops import Array, get_namespace, log_sigmoid, sigmoid
+from prefopt._ops import Array, log_sigmoid, sigmoid
+from prefopt.losses.inputs import F_DIVERGENCES, check_options, pair_arrays, pair_inputs
 
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-
-
-def pair_arrays(
-    fn: str,
-    chosen_logps: Array,
-    rejected_logps: Array,
-    ref_chosen_logps: Array | None,
-    ref_rejected_logps: Array | None,
-    xp: ModuleType,
-) -> tuple[Array, Array, Array | None, Array | None]:
-    """Validate a pairwise batch; return its four arrays in the compute dtype."""
-    both_or_neither(
-        fn, "ref_chosen_logps", ref_chosen_logps, "ref_rejected_logps", ref_rejected_logps
-    )
-    arrays = {
-        "chosen_logps": chosen_logps,
-        "rejected_logps": rejected_logps,
-        "ref_chosen_logps": ref_chosen_logps,
-        "ref_rejected_logps": ref_rejected_logps,
-    }
-    _checks.same_shape(fn, "B", arrays)
-    for name, x in arrays.items():
-        if x is not None:
-            _checks.floating(fn, name, x, xp)
-    dtype = _checks.compute_dtype(xp, *arrays.values())
-    cw, cl, rw, rl = (_checks.cast(x, dtype, xp) for x in arrays.values())
-    return cw, cl, rw, rl
-
-
-def both_or_neither(fn: str, name_a: str, a: Array | None, name_b: str, b: Array | None) -> None:
-    """Raise unless both optional arrays are given or neither is."""
-    if (a is None) != (b is None):
-        raise ValueError(f"{fn}: pass both {name_a} and {name_b}, or neither; got only one")
-
-
-def log_ratios(
-    fn: str,
-    chosen_logps: Array,
-    rejected_logps: Array,
-    ref_chosen_logps: Array | None,
-    ref_rejected_logps: Array | None,
-    xp: ModuleType,
-    f_divergence: str = "reverse_kl",
-    f_alpha: float = 0.5,
-) -> tuple[Array, Array]:
-    """Validate a pairwise batch; return ``(h(chosen), h(rejected))``, f-transformed."""
-    _checks.one_of(fn, "f_divergence", f_divergence, F_DIVERGENCES)
-    f_alpha = _checks.positive(fn, "f_alpha", f_alpha)
-    hw, hl, rw, rl = pair_arrays(
-        fn, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp
-    )
-    if rw is not None:
-        hw, hl = hw - rw, hl - rl
-    if f_divergence != "reverse_kl":
-        hw, hl = (f_transform(h, f_divergence, f_alpha, xp) for h in (hw, hl))
-    return hw, hl
-
-
-def f_transform(h: Array, f_divergence: str, f_alpha: float, xp: ModuleType) -> Array:
-    r"""The f-divergence transform of log-ratios $h$ (TRL's ``f_divergence_type``)."""
-    # Exponents are clipped so that e^x, and the difference of two of them, stay finite.
-    limit = math.log(float(xp.finfo(h.dtype).max)) - 4.0
-    if f_divergence == "forward_kl":
-        return 1.0 - xp.exp(xp.clip(-h, max=limit))
-    if f_divergence == "js_divergence":
-        return math.log(2.0) + log_sigmoid(h, xp=xp)
-    if f_divergence == "alpha_divergence" and f_alpha != 1.0:
-        return (xp.exp(xp.clip((f_alpha - 1.0) * h, max=limit)) - 1.0) / (f_alpha - 1.0)
-    return h  # reverse_kl, and the alpha-divergence's limit at alpha = 1
-
-
-def pair_lengths(
-    fn: str,
-    chosen_lengths: Array | None,
-    rejected_lengths: Array | None,
-    like: Array,
-    xp: ModuleType,
-    *,
-    required: bool,
-) -> tuple[Array | None, Array | None]:
-    """Validate token counts (B,) (> 0 where values can be read); cast to ``like.dtype``."""
-    both_or_neither(fn, "chosen_lengths", chosen_lengths, "rejected_lengths", rejected_lengths)
-    if chosen_lengths is None:
-        if required:
-            raise ValueError(
-                f"{fn}: chosen_lengths and rejected_lengths (token counts, shape (B,)) are "
-                "required; got None"
-            )
-        return None, None
-    return (
-        lengths_of(fn, "chosen_lengths", chosen_lengths, like, xp),
-        lengths_of(fn, "rejected_lengths", rejected_lengths, like, xp),
-    )
-
-
-def lengths_of(fn: str, name: str, lengths: Array, like: Array, xp: ModuleType) -> Array:
-    """One (B,) array of token counts, checked and cast to ``like.dtype``."""
-    _checks.same_shape(fn, "B", {"chosen_logps": like, name: lengths})
-    _checks.numeric(fn, name, lengths, xp)
-    lengths = _checks.cast(lengths, like.dtype, xp)
-    if _checks.values_checked(lengths, xp, None):
-        _checks.positive_where(fn, name, lengths, xp.ones_like(lengths, dtype=xp.bool), xp)
-    return lengths
+__all__ = ["F_DIVERGENCES"]  # re-exported for the docs of f_divergence
 
 
 def smoothed_sigmoid_loss(z: Array, label_smoothing: float, xp: ModuleType) -> Array:
@@ -120,33 +18,6 @@ def smoothed_sigmoid_loss(z: Array, label_smoothing: float, xp: ModuleType) -> A
     if label_smoothing:
         loss = (1.0 - label_smoothing) * loss - label_smoothing * log_sigmoid(-z, xp=xp)
     return loss
-
-
-def _prepare(
-    fn,
-    chosen_logps,
-    rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    xp,
-    beta,
-    f_divergence="reverse_kl",
-    f_alpha=0.5,
-):
-    """Namespace, checked beta and the (transformed) log-ratios of a pairwise loss."""
-    xp = get_namespace(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp=xp)
-    beta = _checks.positive(fn, "beta", beta)
-    hw, hl = log_ratios(
-        fn,
-        chosen_logps,
-        rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        xp,
-        f_divergence,
-        f_alpha,
-    )
-    return xp, beta, hw, hl
 
 
 def dpo_loss(
@@ -212,20 +83,8 @@ def dpo_loss(
         ...                  np.array([-8.0]), beta=0.5)
         array([0.31326169])
     """
-    fn = "dpo_loss"
-    label_smoothing = _checks.in_range(fn, "label_smoothing", label_smoothing, 0.0, 0.5)
-    xp, beta, hw, hl = _prepare(
-        fn,
-        chosen_logps,
-        rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        xp,
-        beta,
-        f_divergence,
-        f_alpha,
-    )
-    return smoothed_sigmoid_loss(beta * (hw - hl), label_smoothing, xp)
+    p = pair_inputs("dpo_loss", locals())
+    return smoothed_sigmoid_loss(p.beta * (p.hw - p.hl), label_smoothing, p.xp)
 
 
 def robust_dpo_loss(
@@ -273,21 +132,12 @@ def robust_dpo_loss(
         Chowdhury et al., "Provably Robust DPO: Aligning Language Models with Noisy
         Feedback", ICML 2024, arXiv:2403.00409.
     """
-    fn = "robust_dpo_loss"
-    xp, beta, hw, hl = _prepare(
-        fn,
-        chosen_logps,
-        rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        xp,
-        beta,
-        f_divergence,
-        f_alpha,
+    p = pair_inputs("robust_dpo_loss", locals())
+    eps = _checks.in_range(
+        "robust_dpo_loss", "label_smoothing", label_smoothing, 0.0, 0.5, open_high=True
     )
-    eps = _checks.in_range(fn, "label_smoothing", label_smoothing, 0.0, 0.5, open_high=True)
-    z = beta * (hw - hl)
-    loss = (1.0 - eps) * (0.0 - log_sigmoid(z, xp=xp)) + eps * log_sigmoid(-z, xp=xp)
+    z = p.beta * (p.hw - p.hl)
+    loss = (1.0 - eps) * (0.0 - log_sigmoid(z, xp=p.xp)) + eps * log_sigmoid(-z, xp=p.xp)
     return loss / (1.0 - 2.0 * eps)
 
 
@@ -340,23 +190,9 @@ def ipo_loss(
         Azar et al., "A General Theoretical Paradigm to Understand Learning from Human
         Preferences", AISTATS 2024, arXiv:2310.12036.
     """
-    fn = "ipo_loss"
-    xp, beta, hw, hl = _prepare(
-        fn,
-        chosen_logps,
-        rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        xp,
-        beta,
-        f_divergence,
-        f_alpha,
-    )
-    lw, ll = pair_lengths(fn, chosen_lengths, rejected_lengths, hw, xp, required=False)
-    if lw is not None:
-        hw, hl = hw / lw, hl / ll
-    gap = hw - hl - 0.5 / beta
-    return gap * gap
+    p = pair_inputs("ipo_loss", locals())
+    delta = p.hw - p.hl if p.lw is None else p.hw / p.lw - p.hl / p.ll
+    return (delta - 0.5 / p.beta) ** 2
 
 
 def hinge_loss(
@@ -398,20 +234,9 @@ def hinge_loss(
         Zhao et al., "SLiC-HF: Sequence Likelihood Calibration with Human Feedback",
         arXiv:2305.10425.
     """
-    fn = "hinge_loss"
-    xp, beta, hw, hl = _prepare(
-        fn,
-        chosen_logps,
-        rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        xp,
-        beta,
-        f_divergence,
-        f_alpha,
-    )
-    z = beta * (hw - hl)
-    return xp.where(z < 1.0, 1.0 - z, 0.0)  # gradient 0 at z = 1 on every backend
+    p = pair_inputs("hinge_loss", locals())
+    z = p.beta * (p.hw - p.hl)
+    return p.xp.where(z < 1.0, 1.0 - z, 0.0)  # gradient 0 at z = 1 on every backend
 
 
 def exo_pair_loss(
@@ -457,23 +282,14 @@ def exo_pair_loss(
         Ji et al., "Towards Efficient Exact Optimization of Language Model Alignment",
         ICML 2024, arXiv:2402.00856.
     """
-    fn = "exo_pair_loss"
-    xp, beta, hw, hl = _prepare(
-        fn,
-        chosen_logps,
-        rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        xp,
-        beta,
-        f_divergence,
-        f_alpha,
+    p = pair_inputs("exo_pair_loss", locals())
+    eps = _checks.in_range(
+        "exo_pair_loss", "label_smoothing", label_smoothing, 0.0, 0.5, open_low=True
     )
-    eps = _checks.in_range(fn, "label_smoothing", label_smoothing, 0.0, 0.5, open_low=True)
-    z = beta * (hw - hl)
-    pos, neg = log_sigmoid(z, xp=xp), log_sigmoid(-z, xp=xp)
+    z = p.beta * (p.hw - p.hl)
+    pos, neg = log_sigmoid(z, xp=p.xp), log_sigmoid(-z, xp=p.xp)
     # the KL divergence from (1 - eps, eps) to (sigma(z), sigma(-z)): >= 0
-    return xp.exp(pos) * (pos - math.log1p(-eps)) + xp.exp(neg) * (neg - math.log(eps))
+    return p.xp.exp(pos) * (pos - math.log1p(-eps)) + p.xp.exp(neg) * (neg - math.log(eps))
 
 
 def nca_pair_loss(
@@ -519,21 +335,12 @@ def nca_pair_loss(
         Chen et al., "Noise Contrastive Alignment of Language Models with Explicit
         Rewards", NeurIPS 2024, arXiv:2402.05369.
     """
-    fn = "nca_pair_loss"
-    xp, beta, hw, hl = _prepare(
-        fn,
-        chosen_logps,
-        rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        xp,
-        beta,
-        f_divergence,
-        f_alpha,
-    )
-    sw, sl = beta * hw, beta * hl
+    p = pair_inputs("nca_pair_loss", locals())
+    sw, sl = p.beta * p.hw, p.beta * p.hl
     return (
-        0.0 - log_sigmoid(sw, xp=xp) - 0.5 * log_sigmoid(-sw, xp=xp) - 0.5 * log_sigmoid(-sl, xp=xp)
+        0.0
+        - log_sigmoid(sw, xp=p.xp)
+        - 0.5 * (log_sigmoid(-sw, xp=p.xp) + log_sigmoid(-sl, xp=p.xp))
     )
 
 
@@ -584,21 +391,14 @@ def bco_pair_loss(
         Jung et al., "Binary Classifier Optimization for Large Language Model Alignment",
         arXiv:2404.04656.
     """
-    fn = "bco_pair_loss"
-    xp, beta, hw, hl = _prepare(
-        fn,
-        chosen_logps,
-        rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        xp,
-        beta,
-        f_divergence,
-        f_alpha,
-    )
+    p = pair_inputs("bco_pair_loss", locals())
     if isinstance(delta, (int, float)):
-        delta = _checks.finite(fn, "delta", delta)
-    return 0.0 - log_sigmoid(beta * hw - delta, xp=xp) - log_sigmoid(delta - beta * hl, xp=xp)
+        delta = _checks.finite("bco_pair_loss", "delta", delta)
+    return (
+        0.0
+        - log_sigmoid(p.beta * p.hw - delta, xp=p.xp)
+        - log_sigmoid(delta - p.beta * p.hl, xp=p.xp)
+    )
 
 
 def sppo_hard_loss(
@@ -643,20 +443,9 @@ def sppo_hard_loss(
         Wu et al., "Self-Play Preference Optimization for Language Model Alignment",
         arXiv:2405.00675.
     """
-    fn = "sppo_hard_loss"
-    xp, beta, hw, hl = _prepare(
-        fn,
-        chosen_logps,
-        rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        xp,
-        beta,
-        f_divergence,
-        f_alpha,
-    )
-    target = 0.5 / beta
-    return (hw - target) * (hw - target) + (hl + target) * (hl + target)
+    p = pair_inputs("sppo_hard_loss", locals())
+    target = 0.5 / p.beta
+    return (p.hw - target) ** 2 + (p.hl + target) ** 2
 
 
 def apo_zero_loss(
@@ -701,19 +490,9 @@ def apo_zero_loss(
         D'Oosterlinck et al., "Anchored Preference Optimization and Contrastive
         Revisions: Addressing Underspecification in Alignment", arXiv:2408.06266.
     """
-    fn = "apo_zero_loss"
-    xp, beta, hw, hl = _prepare(
-        fn,
-        chosen_logps,
-        rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        xp,
-        beta,
-        f_divergence,
-        f_alpha,
-    )
-    return sigmoid(-beta * hw, xp=xp) + sigmoid(beta * hl, xp=xp)  # 1 - sigma(x) = sigma(-x)
+    p = pair_inputs("apo_zero_loss", locals())
+    # 1 - sigma(x) = sigma(-x), without the cancellation
+    return sigmoid(-p.beta * p.hw, xp=p.xp) + sigmoid(p.beta * p.hl, xp=p.xp)
 
 
 def apo_down_loss(
@@ -758,19 +537,8 @@ def apo_down_loss(
         D'Oosterlinck et al., "Anchored Preference Optimization and Contrastive
         Revisions: Addressing Underspecification in Alignment", arXiv:2408.06266.
     """
-    fn = "apo_down_loss"
-    xp, beta, hw, hl = _prepare(
-        fn,
-        chosen_logps,
-        rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        xp,
-        beta,
-        f_divergence,
-        f_alpha,
-    )
-    return sigmoid(beta * hw, xp=xp) + sigmoid(-beta * (hw - hl), xp=xp)
+    p = pair_inputs("apo_down_loss", locals())
+    return sigmoid(p.beta * p.hw, xp=p.xp) + sigmoid(-p.beta * (p.hw - p.hl), xp=p.xp)
 
 
 def discopop_loss(
@@ -818,23 +586,12 @@ def discopop_loss(
         Lu et al., "Discovering Preference Optimization Algorithms with and for Large
         Language Models", NeurIPS 2024, arXiv:2406.08414.
     """
-    fn = "discopop_loss"
-    xp, beta, hw, hl = _prepare(
-        fn,
-        chosen_logps,
-        rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        xp,
-        beta,
-        f_divergence,
-        f_alpha,
-    )
-    tau = _checks.in_range(fn, "tau", tau, 0.0, 1.0, open_low=True)
-    z = beta * (hw - hl)
+    p = pair_inputs("discopop_loss", locals())
+    tau = _checks.in_range("discopop_loss", "tau", tau, 0.0, 1.0, open_low=True)
+    z = p.beta * (p.hw - p.hl)
     # m * e^-z as one exponent: bounded above for tau <= 1, where e^-z alone overflows
-    exp_part = xp.exp(log_sigmoid(z / tau, xp=xp) - z)
-    return sigmoid(-z / tau, xp=xp) * (0.0 - log_sigmoid(z, xp=xp)) + exp_part
+    exp_part = p.xp.exp(log_sigmoid(z / tau, xp=p.xp) - z)
+    return sigmoid(-z / tau, xp=p.xp) * (0.0 - log_sigmoid(z, xp=p.xp)) + exp_part
 
 
 def aot_unpaired_loss(
@@ -885,20 +642,10 @@ def aot_unpaired_loss(
         Melnyk et al., "Distributional Preference Alignment of LLMs via Optimal
         Transport", NeurIPS 2024, arXiv:2406.05882.
     """
-    fn = "aot_unpaired_loss"
-    xp, beta, hw, hl = _prepare(
-        fn,
-        chosen_logps,
-        rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        xp,
-        beta,
-        f_divergence,
-        f_alpha,
+    p = pair_inputs("aot_unpaired_loss", locals())
+    return smoothed_sigmoid_loss(
+        p.beta * (p.xp.sort(p.hw) - p.xp.sort(p.hl)), label_smoothing, p.xp
     )
-    eps = _checks.in_range(fn, "label_smoothing", label_smoothing, 0.0, 0.5)
-    return smoothed_sigmoid_loss(beta * (xp.sort(hw) - xp.sort(hl)), eps, xp)
 
 
 def sigmoid_norm_loss(
@@ -947,20 +694,8 @@ def sigmoid_norm_loss(
         Lambert et al., "Tülu 3: Pushing Frontiers in Open Language Model Post-Training",
         arXiv:2411.15124 (length-normalised DPO); DPO: arXiv:2305.18290.
     """
-    fn = "sigmoid_norm_loss"
-    xp, beta, hw, hl = _prepare(
-        fn,
-        chosen_logps,
-        rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        xp,
-        beta,
-        f_divergence,
-        f_alpha,
-    )
-    lw, ll = pair_lengths(fn, chosen_lengths, rejected_lengths, hw, xp, required=True)
-    return 0.0 - log_sigmoid(beta * (hw / lw - hl / ll), xp=xp)
+    p = pair_inputs("sigmoid_norm_loss", locals(), lengths="required")
+    return 0.0 - log_sigmoid(p.beta * (p.hw / p.lw - p.hl / p.ll), xp=p.xp)
 
 
 def aot_loss(
@@ -1006,13 +741,9 @@ def aot_loss(
         Transport", NeurIPS 2024, arXiv:2406.05882.
     """
     fn = "aot_loss"
-    xp = get_namespace(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp=xp)
-    beta = _checks.positive(fn, "beta", beta)
-    eps = _checks.in_range(fn, "label_smoothing", label_smoothing, 0.0, 0.5)
-    cw, cl, rw, rl = pair_arrays(
+    check_options(fn, locals())
+    xp, cw, cl, rw, rl = pair_arrays(
         fn, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp
     )
-    gap = xp.sort(cw - cl)
-    if rw is not None:
-        gap = gap - xp.sort(rw - rl)
-    return smoothed_sigmoid_loss(beta * gap, eps, xp)
+    gap = xp.sort(cw - cl) if rw is None else xp.sort(cw - cl) - xp.sort(rw - rl)
+    return smoothed_sigmoid_loss(beta * gap, label_smoothing, xp)

@@ -5,15 +5,9 @@ from __future__ import annotations
 import math
 from types import ModuleType
 
-from prefopt import _checks
-from prefopt._ops import Array, get_namespace, log_sigmoid
-from prefopt.losses.pairwise import lengths_of, pair_arrays, pair_lengths, smoothed_sigmoid_loss
-
-
-def _policy_pair(fn, chosen_logps, rejected_logps, xp):
-    xp = get_namespace(chosen_logps, rejected_logps, xp=xp)
-    cw, cl, _, _ = pair_arrays(fn, chosen_logps, rejected_logps, None, None, xp)
-    return xp, cw, cl
+from prefopt._ops import Array, log_sigmoid
+from prefopt.losses.inputs import pair_inputs
+from prefopt.losses.pairwise import smoothed_sigmoid_loss
 
 
 def simpo_loss(
@@ -57,13 +51,9 @@ def simpo_loss(
         Meng et al., "SimPO: Simple Preference Optimization with a Reference-Free Reward",
         NeurIPS 2024, arXiv:2405.14734.
     """
-    fn = "simpo_loss"
-    beta = _checks.positive(fn, "beta", beta)
-    gamma = _checks.non_negative(fn, "gamma", gamma)
-    eps = _checks.in_range(fn, "label_smoothing", label_smoothing, 0.0, 0.5)
-    xp, cw, cl = _policy_pair(fn, chosen_logps, rejected_logps, xp)
-    lw, ll = pair_lengths(fn, chosen_lengths, rejected_lengths, cw, xp, required=True)
-    return smoothed_sigmoid_loss(beta * (cw / lw - cl / ll) - gamma, eps, xp)
+    p = pair_inputs("simpo_loss", locals(), lengths="required")
+    z = p.beta * (p.hw / p.lw - p.hl / p.ll) - gamma
+    return smoothed_sigmoid_loss(z, label_smoothing, p.xp)
 
 
 def cpo_loss(
@@ -107,20 +97,16 @@ def cpo_loss(
         Xu et al., "Contrastive Preference Optimization: Pushing the Boundaries of LLM
         Performance in Machine Translation", ICML 2024, arXiv:2401.08417.
     """
-    fn = "cpo_loss"
-    beta = _checks.positive(fn, "beta", beta)
-    cpo_alpha = _checks.non_negative(fn, "cpo_alpha", cpo_alpha)
-    eps = _checks.in_range(fn, "label_smoothing", label_smoothing, 0.0, 0.5)
-    xp, cw, cl = _policy_pair(fn, chosen_logps, rejected_logps, xp)
-    loss = smoothed_sigmoid_loss(beta * (cw - cl), eps, xp)
+    p = pair_inputs("cpo_loss", locals(), lengths="chosen")
+    loss = smoothed_sigmoid_loss(p.beta * (p.hw - p.hl), label_smoothing, p.xp)
     if cpo_alpha == 0.0:
         return loss
-    if chosen_lengths is None:
+    if p.lw is None:
         raise ValueError(
-            f"{fn}: chosen_lengths (token counts, shape (B,)) are required for the NLL term; "
+            "cpo_loss: chosen_lengths (token counts, shape (B,)) are required for the NLL term; "
             "got None (pass cpo_alpha=0 to drop the term)"
         )
-    return loss - cpo_alpha * (cw / lengths_of(fn, "chosen_lengths", chosen_lengths, cw, xp))
+    return loss - cpo_alpha * (p.hw / p.lw)
 
 
 def orpo_loss(
@@ -163,13 +149,9 @@ def orpo_loss(
         Hong et al., "ORPO: Monolithic Preference Optimization without Reference Model",
         EMNLP 2024, arXiv:2403.07691.
     """
-    fn = "orpo_loss"
-    beta = _checks.positive(fn, "beta", beta)
-    xp, cw, cl = _policy_pair(fn, chosen_logps, rejected_logps, xp)
-    lw, ll = pair_lengths(fn, chosen_lengths, rejected_lengths, cw, xp, required=True)
-    aw, al = cw / lw, cl / ll
-    odds = _log_odds(aw, xp) - _log_odds(al, xp)
-    return 0.0 - aw - beta * log_sigmoid(odds, xp=xp)
+    p = pair_inputs("orpo_loss", locals(), lengths="required")
+    aw, al = p.hw / p.lw, p.hl / p.ll
+    return 0.0 - aw - p.beta * log_sigmoid(_log_odds(aw, p.xp) - _log_odds(al, p.xp), xp=p.xp)
 
 
 def _log_odds(a: Array, xp: ModuleType) -> Array:

@@ -1,11 +1,20 @@
-"""Losses by name: TRL's ``loss_type`` strings where TRL has the loss."""
+"""Losses by name, and every fact about each loss that a caller needs, in one place.
+
+A [`LossSpec`][prefopt.losses.registry.LossSpec] states a loss's data layout, whether it
+takes a reference and token counts, whether it couples the batch, and which examples a mean
+counts; its option defaults are read once from the function's signature. Composition,
+``batch_loss``, the torch modules, the trainers and ``prefopt train`` read the spec: none of
+them inspects a loss function or tests its identity.
+"""
 
 from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
 from prefopt.losses.group import infonca_loss, lipo_loss, mpo_loss, nca_loss, plackett_luce_loss
 from prefopt.losses.pairwise import (
@@ -27,49 +36,163 @@ from prefopt.losses.pairwise import (
 from prefopt.losses.reference_free import cpo_loss, orpo_loss, simpo_loss
 from prefopt.losses.unpaired import kto_loss
 
-KINDS = ("pairwise", "reference-free", "unpaired", "group")
+__all__ = ["LossSpec", "available_losses", "get_loss", "spec", "specs"]
 
-
-class LossEntry(NamedTuple):
-    """One registered loss: its function, the kind of data it takes, a display title."""
-
-    fn: Callable
-    kind: str
-    title: str  # as papers write it; the torch module is named title + "Loss"
-    couples_batch: bool = False  # the loss of one example depends on the others
-
-
-_LOSSES: dict[str, LossEntry] = {
-    "sigmoid": LossEntry(dpo_loss, "pairwise", "DPO"),
-    "dpo": LossEntry(dpo_loss, "pairwise", "DPO"),
-    "robust": LossEntry(robust_dpo_loss, "pairwise", "RobustDPO"),
-    "ipo": LossEntry(ipo_loss, "pairwise", "IPO"),
-    "hinge": LossEntry(hinge_loss, "pairwise", "Hinge"),
-    "exo_pair": LossEntry(exo_pair_loss, "pairwise", "EXOPair"),
-    "nca_pair": LossEntry(nca_pair_loss, "pairwise", "NCAPair"),
-    "bco_pair": LossEntry(bco_pair_loss, "pairwise", "BCOPair"),
-    "sppo_hard": LossEntry(sppo_hard_loss, "pairwise", "SPPOHard"),
-    "apo_zero": LossEntry(apo_zero_loss, "pairwise", "APOZero"),
-    "apo_down": LossEntry(apo_down_loss, "pairwise", "APODown"),
-    "discopop": LossEntry(discopop_loss, "pairwise", "DiscoPOP"),
-    "aot": LossEntry(aot_loss, "pairwise", "AOT", couples_batch=True),
-    "aot_unpaired": LossEntry(aot_unpaired_loss, "pairwise", "AOTUnpaired", couples_batch=True),
-    "sigmoid_norm": LossEntry(sigmoid_norm_loss, "pairwise", "SigmoidNorm"),
-    "simpo": LossEntry(simpo_loss, "reference-free", "SimPO"),
-    "cpo": LossEntry(cpo_loss, "reference-free", "CPO"),
-    "orpo": LossEntry(orpo_loss, "reference-free", "ORPO"),
-    "kto": LossEntry(kto_loss, "unpaired", "KTO"),
-    "mpo": LossEntry(mpo_loss, "group", "MPO"),
-    "infonca": LossEntry(infonca_loss, "group", "InfoNCA"),
-    "nca": LossEntry(nca_loss, "group", "NCA"),
-    "plackett_luce": LossEntry(plackett_luce_loss, "group", "PlackettLuce"),
-    "lipo": LossEntry(lipo_loss, "group", "LiPO"),
+# The arrays of each layout, in the order the loss functions take them positionally first.
+INPUTS = {
+    "pair": (
+        "chosen_logps",
+        "rejected_logps",
+        "ref_chosen_logps",
+        "ref_rejected_logps",
+        "chosen_lengths",
+        "rejected_lengths",
+    ),
+    "group": ("logps", "ref_logps", "rewards", "mask", "chosen", "lengths"),
+    "unpaired": ("logps", "ref_logps", "desirable", "kl"),
 }
+POSITIONAL = {
+    "pair": INPUTS["pair"][:4],
+    "group": INPUTS["group"][:3],
+    "unpaired": INPUTS["unpaired"][:3],
+}
+# Which examples a mean counts (see LossSpec.counts).
+COUNTS = ("all", "split", "two valid", "one valid")
 
 
-def entry(name: str, fn: str = "get_loss") -> LossEntry:
-    """The registry entry of ``name``; an unknown name raises with the closest ones."""
-    found = _LOSSES.get(name)
+@dataclass(frozen=True)
+class LossSpec:
+    """The facts about one registered loss.
+
+    Attributes:
+        name: The registered name (TRL's ``loss_type`` string where TRL has the loss).
+        fn: The loss function.
+        title: The name papers use; the torch module is ``title + "Loss"``.
+        layout: ``"pair"`` ((B,) chosen and rejected), ``"group"`` ((B, n) with rewards)
+            or ``"unpaired"`` ((B,) responses marked desirable).
+        reference: ``"optional"`` (a reference model's log-probs, or none) or ``"none"``
+            (reference-free: the loss takes no reference).
+        lengths: Token counts the loss takes: ``"none"``, ``"optional"``, ``"required"``
+            or ``"chosen"`` (the chosen response's only, required unless its term is off).
+        counts: Which examples a ``"mean"`` reduction averages over: ``"all"``,
+            ``"split"`` (groups whose mean split has a chosen and a rejected response),
+            ``"two valid"`` or ``"one valid"`` (groups with at least that many responses).
+            The other groups have loss exactly 0.
+        couples_batch: The loss of one example depends on the others (it sorts across the
+            batch): never chunk such a batch or apply the loss to pairs built from groups.
+    """
+
+    name: str
+    fn: Callable
+    title: str
+    layout: str
+    reference: str = "optional"
+    lengths: str = "none"
+    counts: str = "all"
+    couples_batch: bool = False
+
+    @property
+    def kind(self) -> str:
+        """``"pairwise"``, ``"reference-free"``, ``"unpaired"`` or ``"group"``."""
+        if self.layout == "pair":
+            return "reference-free" if self.reference == "none" else "pairwise"
+        return self.layout
+
+    @cached_property
+    def inputs(self) -> tuple[str, ...]:
+        """The arrays of the layout that the loss function takes (``xp`` too)."""
+        params = inspect.signature(self.fn).parameters
+        return (*(name for name in INPUTS[self.layout] if name in params), "xp")
+
+    def takes(self, arrays: Mapping[str, Any]) -> dict[str, Any]:
+        """The entries of ``arrays`` that the loss takes; a missing reference is ``None``."""
+        taken = {k: v for k, v in arrays.items() if k in self.inputs}
+        if "ref_logps" in self.inputs:
+            taken.setdefault("ref_logps", None)
+        return taken
+
+    @cached_property
+    def defaults(self) -> dict[str, Any]:
+        """The loss's options (keyword-only settings that are not arrays) and defaults."""
+        params = inspect.signature(self.fn).parameters.values()
+        return {
+            p.name: p.default
+            for p in params
+            if p.kind is p.KEYWORD_ONLY and p.name != "xp" and p.name not in INPUTS[self.layout]
+        }
+
+    def options(self, given: Mapping[str, Any] | None = None, *, fn: str = "") -> dict[str, Any]:
+        """``given`` checked against the loss's options and completed with the defaults.
+
+        Raises:
+            TypeError: For an option the loss does not take, naming the ones it takes.
+        """
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(self.defaults))
+        if unknown:
+            where = f"{fn}: " if fn else ""
+            raise TypeError(
+                f"{where}{self.name} takes no option(s) {unknown}; it takes {sorted(self.defaults)}"
+            )
+        return {**self.defaults, **given}
+
+
+def _spec(name, fn, title, layout, **facts) -> tuple[str, LossSpec]:
+    return name, LossSpec(name, fn, title, layout, **facts)
+
+
+_LOSSES: dict[str, LossSpec] = dict(
+    [
+        _spec("sigmoid", dpo_loss, "DPO", "pair"),
+        _spec("dpo", dpo_loss, "DPO", "pair"),
+        _spec("robust", robust_dpo_loss, "RobustDPO", "pair"),
+        _spec("ipo", ipo_loss, "IPO", "pair", lengths="optional"),
+        _spec("hinge", hinge_loss, "Hinge", "pair"),
+        _spec("exo_pair", exo_pair_loss, "EXOPair", "pair"),
+        _spec("nca_pair", nca_pair_loss, "NCAPair", "pair"),
+        _spec("bco_pair", bco_pair_loss, "BCOPair", "pair"),
+        _spec("sppo_hard", sppo_hard_loss, "SPPOHard", "pair"),
+        _spec("apo_zero", apo_zero_loss, "APOZero", "pair"),
+        _spec("apo_down", apo_down_loss, "APODown", "pair"),
+        _spec("discopop", discopop_loss, "DiscoPOP", "pair"),
+        _spec("aot", aot_loss, "AOT", "pair", couples_batch=True),
+        _spec("aot_unpaired", aot_unpaired_loss, "AOTUnpaired", "pair", couples_batch=True),
+        _spec("sigmoid_norm", sigmoid_norm_loss, "SigmoidNorm", "pair", lengths="required"),
+        _spec("simpo", simpo_loss, "SimPO", "pair", reference="none", lengths="required"),
+        _spec("cpo", cpo_loss, "CPO", "pair", reference="none", lengths="chosen"),
+        _spec("orpo", orpo_loss, "ORPO", "pair", reference="none", lengths="required"),
+        _spec("kto", kto_loss, "KTO", "unpaired"),
+        _spec("mpo", mpo_loss, "MPO", "group", lengths="optional", counts="split"),
+        _spec("infonca", infonca_loss, "InfoNCA", "group", lengths="optional", counts="two valid"),
+        _spec("nca", nca_loss, "NCA", "group", lengths="optional", counts="one valid"),
+        _spec(
+            "plackett_luce",
+            plackett_luce_loss,
+            "PlackettLuce",
+            "group",
+            lengths="optional",
+            counts="two valid",
+        ),
+        _spec("lipo", lipo_loss, "LiPO", "group", lengths="optional", counts="split"),
+    ]
+)
+
+
+def spec(name: str, fn: str = "get_loss") -> LossSpec:
+    """The spec of loss ``name``; an unknown name raises with the closest ones.
+
+    Args:
+        name: A registered name.
+        fn: The function or option to name in the error (e.g. ``"--loss"``).
+
+    Returns:
+        Its [`LossSpec`][prefopt.losses.registry.LossSpec].
+
+    Raises:
+        ValueError: For an unknown name; the message lists the valid names and suggests
+            the closest ones.
+    """
+    found = _LOSSES.get(name) if isinstance(name, str) else None
     if found is None:
         close = difflib.get_close_matches(str(name), list(_LOSSES), n=3, cutoff=0.5)
         hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
@@ -79,15 +202,13 @@ def entry(name: str, fn: str = "get_loss") -> LossEntry:
     return found
 
 
-def parameters(fn: Callable) -> tuple[set[str], set[str]]:
-    """(all parameter names, keyword-only option names but ``xp``) of a loss function."""
-    params = inspect.signature(fn).parameters.values()
-    options = {p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "xp"}
-    return {p.name for p in params}, options
+def specs() -> dict[str, LossSpec]:
+    """All registered specs by name.
 
-
-def entries() -> dict[str, LossEntry]:
-    """All entries by name (a copy)."""
+    Returns:
+        A new dict from every registered name, aliases included (``"dpo"`` and
+        ``"sigmoid"`` share DPO's spec), to its [`LossSpec`][prefopt.losses.registry.LossSpec].
+    """
     return dict(_LOSSES)
 
 
@@ -109,12 +230,12 @@ def get_loss(name: str) -> Callable:
         ValueError: For an unknown name; the message lists the valid names and suggests
             the closest ones.
 
-    Example:
+    Examples:
         >>> import prefopt
         >>> prefopt.get_loss("sigmoid") is prefopt.dpo_loss
         True
     """
-    return entry(name).fn
+    return spec(name).fn
 
 
 def available_losses() -> dict[str, str]:
@@ -122,12 +243,14 @@ def available_losses() -> dict[str, str]:
 
     Kinds: ``"pairwise"`` ((B,) chosen and rejected log-probs with a reference),
     ``"reference-free"`` (pairs, no reference model), ``"unpaired"`` (single responses
-    marked desirable or not) and ``"group"`` ((B, n) responses with rewards).
+    marked desirable or not) and ``"group"`` ((B, n) responses with rewards). The other
+    facts about a loss (lengths, options, how a mean counts) are in
+    ``prefopt.losses.registry.spec(name)``.
 
     Returns:
         A dict from name to kind, sorted by name.
 
-    Example:
+    Examples:
         >>> import prefopt
         >>> prefopt.available_losses()["mpo"]
         'group'

@@ -6,16 +6,7 @@ from types import ModuleType
 
 from prefopt import _checks
 from prefopt._ops import Array, get_namespace, masked_mean, sigmoid, stop_gradient
-
-
-def _unpaired_inputs(fn, logps, ref_logps, xp):
-    _checks.same_shape(fn, "B", {"logps": logps, "ref_logps": ref_logps})
-    _checks.floating(fn, "logps", logps, xp)
-    if ref_logps is not None:
-        _checks.floating(fn, "ref_logps", ref_logps, xp)
-    dtype = _checks.compute_dtype(xp, logps, ref_logps)
-    h = _checks.cast(logps, dtype, xp)
-    return h if ref_logps is None else h - _checks.cast(ref_logps, dtype, xp)
+from prefopt.losses.inputs import log_ratios, unpaired_inputs
 
 
 def kto_kl(
@@ -56,7 +47,7 @@ def kto_kl(
     _checks.same_shape(fn, "B", {"logps": logps, "ref_logps": ref_logps, "mask": mask})
     if mask is not None:
         _checks.boolean(fn, "mask", mask, xp)
-    h = _unpaired_inputs(fn, logps, ref_logps, xp)
+    h = log_ratios(fn, logps, ref_logps, xp)
     if mask is not None:
         h = xp.where(mask, h, 0.0)  # padding may hold NaN
     kl = masked_mean(h, mask, xp=xp)
@@ -109,13 +100,10 @@ def kto_loss(
         ICML 2024, arXiv:2402.01306.
     """
     fn = "kto_loss"
-    xp = get_namespace(logps, ref_logps, desirable, xp=xp)
-    beta = _checks.positive(fn, "beta", beta)
-    weight_d = _checks.non_negative(fn, "desirable_weight", desirable_weight)
-    weight_u = _checks.non_negative(fn, "undesirable_weight", undesirable_weight)
+    u = unpaired_inputs(fn, locals())
     _checks.same_shape(fn, "B", {"logps": logps, "desirable": desirable})
-    _checks.boolean(fn, "desirable", desirable, xp)
-    h = _unpaired_inputs(fn, logps, ref_logps, xp)
+    _checks.boolean(fn, "desirable", desirable, u.xp)
+    xp, h = u.xp, u.ratios
     if isinstance(kl, (int, float)):
         kl = _checks.non_negative(fn, "kl", kl)
     elif getattr(kl, "ndim", None) != 0:
@@ -125,6 +113,8 @@ def kto_loss(
         )
     else:
         kl = stop_gradient(_checks.cast(kl, h.dtype, xp), xp=xp)
-    u = beta * (h - kl)
+    z = u.beta * (h - kl)
     # 1 - sigma(x) = sigma(-x), without the cancellation
-    return xp.where(desirable, weight_d * sigmoid(-u, xp=xp), weight_u * sigmoid(u, xp=xp))
+    return xp.where(
+        desirable, desirable_weight * sigmoid(-z, xp=xp), undesirable_weight * sigmoid(z, xp=xp)
+    )

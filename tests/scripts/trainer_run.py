@@ -11,8 +11,8 @@ import os
 import torch
 import transformers
 
+from prefopt.cli.task import builtin_model, builtin_tokenizer
 from prefopt.integrations.transformers import PreferenceCollator, PreferenceTrainer
-from prefopt.train import builtin_model, builtin_tokenizer
 
 ROWS = [
     {"prompt": f"copy: {a} {b}", "responses": [f"{b} {b}", a, f"{b} c d", b][: 2 + i % 3],

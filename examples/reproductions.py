@@ -1,9 +1,9 @@
 """Reproductions of the MPO paper's claims, at the scale of a 2-core machine.
 
-    python -m prefopt.experiments bias     --output docs/img   # bias vs n, ~1 min
-    python -m prefopt.experiments noise    --output docs/img   # split vs full order, ~1 min
-    python -m prefopt.experiments compare  --output docs/img   # losses on prefopt train's task
-    python -m prefopt.experiments all --quick --output /tmp/x  # tiny sizes (the tests)
+    python examples/reproductions.py bias     --output docs/img   # bias vs n, ~1 min
+    python examples/reproductions.py noise    --output docs/img   # split vs full order, ~1 min
+    python examples/reproductions.py compare  --output docs/img   # losses on prefopt train's task
+    python examples/reproductions.py all --quick --output /tmp/x  # tiny sizes (the tests)
 
 Each writes a PNG and a JSON of its numbers to ``--output`` and prints a summary.
 ``bias`` and ``noise`` need only NumPy (and matplotlib for the plot); ``compare`` trains
@@ -165,7 +165,7 @@ def _one_run(job: tuple[str, int, int, str]) -> tuple[str, int, list[dict[str, A
     import torch
     import transformers
 
-    from prefopt.train import Config, run
+    from prefopt.cli.train import Config, run
 
     name, seed, steps, out = job
     torch.set_num_threads(1)
@@ -176,6 +176,7 @@ def _one_run(job: tuple[str, int, int, str]) -> tuple[str, int, list[dict[str, A
         loss=settings["loss"],
         extra=dict(settings.get("extra", {})),
         pairs=settings.get("pairs", "all"),
+        beta=0.1,
         steps=steps,
         seed=seed,
         eval_every=max(steps // 6, 1),

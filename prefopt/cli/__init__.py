@@ -25,7 +25,7 @@ def _option(text: str) -> tuple[str, object]:
 
 def parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    from prefopt.train import Config
+    from prefopt.cli.train import Config
 
     d = Config()
     top = _Parser(prog="prefopt", description="Preference-optimization losses and training.")
@@ -53,8 +53,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prompts", type=int, default=d.prompts, help=f"prompts per step (default {d.prompts})"
     )
-    p.add_argument("--beta", type=float, default=d.beta, help=f"default {d.beta}")
-    p.add_argument("--alpha", type=float, default=d.alpha, help=f"MPO's alpha (default {d.alpha})")
+    p.add_argument("--beta", type=float, help="the loss's beta (default: the loss's own)")
+    p.add_argument("--alpha", type=float, help="MPO's alpha (default: MPO's own, 1.0)")
     p.add_argument(
         "--option",
         type=_option,
@@ -68,6 +68,11 @@ def parser() -> argparse.ArgumentParser:
         choices=["all", "best_worst"],
         default=d.pairs,
         help="pairwise losses on groups: all chosen/rejected pairs or best vs worst",
+    )
+    p.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="no reference model: reference-free training (group losses average per token)",
     )
     p.add_argument("--steps", type=int, default=d.steps, help=f"default {d.steps}")
     p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     import transformers
 
-    from prefopt.train import Config, UserError, run
+    from prefopt.cli.train import Config, UserError, run
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

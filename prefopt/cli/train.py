@@ -16,14 +16,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+import prefopt
+from prefopt.cli.task import builtin_model, builtin_tokenizer, copy_task_prompts, copy_task_reward
 from prefopt.integrations.data import collate_ids, group_rows
 from prefopt.integrations.transformers import PreferenceCollator, loss_and_metrics
-from prefopt.losses.registry import entry, parameters
-
-LETTERS = list("abcdefgh")
-VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", "copy:", *LETTERS]
+from prefopt.losses.registry import spec
 
 
 class UserError(Exception):
@@ -38,8 +38,8 @@ class Config:
     data: str | None = None
     loss: str = "mpo"
     responses: int = 8
-    beta: float = 0.1
-    alpha: float = 1.0
+    beta: float | None = None  # None: the loss's own default
+    alpha: float | None = None
     steps: int = 600
     seed: int = 0
     output: str = "prefopt-run"
@@ -50,62 +50,9 @@ class Config:
     eval_every: int = 50
     save_every: int = 100
     pairs: str = "all"
+    no_reference: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)
-
-
-# ---- the built-in task -------------------------------------------------------------------
-
-
-def builtin_tokenizer():
-    """A word-level tokenizer over ``VOCAB``, written in code (nothing is downloaded)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-    )
-
-
-def builtin_model(tokenizer, seed: int):
-    """A 2-layer, 64-wide Llama with random weights (about 0.1 M parameters)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
-
-
-def copy_task_prompts(seed: int = 0) -> tuple[list[str], list[str]]:
-    """Prompts ``"copy: x y"``: 48 for training, 16 held out (never trained on)."""
-    prompts = [f"copy: {x} {y}" for x in LETTERS for y in LETTERS]
-    random.Random(seed).shuffle(prompts)
-    return prompts[16:], prompts[:16]
-
-
-def copy_task_reward(prompt: str, response: str, length: int = 6) -> float:
-    """Share of the first ``length`` response words equal to the prompt's last letter."""
-    target = prompt.split()[-1]
-    words = response.split()[:length]
-    return sum(w == target for w in words) / length
 
 
 # ---- the loop ----------------------------------------------------------------------------
@@ -157,13 +104,13 @@ def read_rows(path: str) -> list[dict[str, Any]]:
     return rows
 
 
-def check(config: Config) -> None:
-    """Reject bad options before anything is loaded."""
+def check(config: Config) -> dict[str, Any]:
+    """Reject bad options before anything is loaded; return the options the user set."""
     try:
-        found = entry(config.loss, "--loss")
+        found = spec(config.loss, "--loss")
     except ValueError as err:
         raise UserError(str(err)) from None
-    if found.kind == "unpaired":
+    if found.layout == "unpaired":
         raise UserError("--loss kto needs unpaired data; prefopt train uses groups or pairs")
     if found.couples_batch:
         raise UserError(f"--loss {config.loss} sorts across the batch; it cannot run on groups")
@@ -172,21 +119,32 @@ def check(config: Config) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(config, name)}")
     if config.responses < 2 and config.data is None:
         raise UserError(f"--responses must be >= 2 to compare responses; got {config.responses}")
-    for name in ("beta", "lr"):
-        if not 0 < getattr(config, name) < math.inf:
-            raise UserError(f"--{name} must be a finite number > 0; got {getattr(config, name)}")
-    allowed = parameters(found.fn)[1] - {"mask", "chosen", "lengths"}
-    unknown = sorted(set(config.extra) - allowed)
-    if unknown:
-        raise UserError(f"--option: {config.loss} takes no {unknown}; it takes {sorted(allowed)}")
-
-
-def loss_options(config: Config) -> dict[str, Any]:
-    """The options of the chosen loss that the command line sets."""
-    options = {"beta": config.beta}
-    if config.loss == "mpo":
-        options["alpha"] = config.alpha
-    return {**options, **config.extra}
+    if not 0 < config.lr < math.inf:
+        raise UserError(f"--lr must be a finite number > 0; got {config.lr}")
+    given = {k: getattr(config, k) for k in ("beta", "alpha") if getattr(config, k) is not None}
+    for key in sorted(set(given) & set(config.extra)):
+        raise UserError(f"--{key} and --option {key}=... both set {key}; give one")
+    given.update(config.extra)
+    for key in sorted(set(given) - set(found.defaults)):
+        flag = f"--{key}" if key in ("beta", "alpha") else f"--option {key}"
+        raise UserError(
+            f"{flag}: --loss {config.loss} takes no option {key!r}; "
+            f"it takes {', '.join(sorted(found.defaults))}"
+        )
+    try:  # the loss's own checks of its options, on a tiny batch, before any model loads
+        logps = np.array([[-1.0, -2.0]])
+        prefopt.batch_loss(
+            config.loss,
+            logps,
+            logps,
+            np.array([[1.0, 0.0]]),
+            lengths=np.ones((1, 2)),
+            pairs=config.pairs,
+            **given,
+        )
+    except (TypeError, ValueError) as err:
+        raise UserError(f"loss options: {err}") from None
+    return given
 
 
 @torch.no_grad()
@@ -245,7 +203,7 @@ def evaluate(model, tokenizer, prompts: list[str], config: Config, step: int) ->
 
 def run(config: Config) -> list[dict[str, Any]]:
     """Train as ``config`` says; returns the logged records (one per step)."""
-    check(config)
+    options = check(config)
     rows = read_rows(config.data) if config.data else None
     out = Path(config.output)
     state_file = out / "checkpoint" / "state.pt"
@@ -253,7 +211,9 @@ def run(config: Config) -> list[dict[str, Any]]:
         raise UserError(f"--resume: no checkpoint in {out}")
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(config)
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    reference = None
+    if not config.no_reference:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     picker = random.Random(config.seed)
     records: list[dict[str, Any]] = []
@@ -261,7 +221,8 @@ def run(config: Config) -> list[dict[str, Any]]:
     if config.resume:
         state = torch.load(state_file, weights_only=False)
         model.load_state_dict(state["model"])
-        reference.load_state_dict(state["reference"])
+        if reference is not None:
+            reference.load_state_dict(state["reference"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         picker.setstate(state["picker"])
@@ -269,7 +230,6 @@ def run(config: Config) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     collator = PreferenceCollator(tokenizer) if rows else None
     train_prompts, heldout = copy_task_prompts(config.seed)
-    options = loss_options(config)
     progress = _progress(config, start)
     model.train()
     for step in range(start, config.steps):
@@ -315,7 +275,7 @@ def _save(out, model, reference, optimizer, picker, records, step, config, token
     (out / "checkpoint").mkdir(parents=True, exist_ok=True)
     state = {
         "model": model.state_dict(),
-        "reference": reference.state_dict(),
+        "reference": None if reference is None else reference.state_dict(),
         "optimizer": optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "picker": picker.getstate(),

@@ -1,0 +1,340 @@
+"""The inputs of a loss, checked and prepared: the pair, group and unpaired layouts side by side.
+
+Each loss opens with one call, ``pair_inputs(fn, locals())``, ``group_inputs(...)`` or
+``unpaired_inputs(...)``, that takes the loss's own arguments, checks shapes, dtypes and
+options, and returns a small named structure: the namespace, the log-ratios (or scores) in
+the compute dtype, and the checked ``beta``. The loss's body is then its formula.
+
+Shapes, ranks, dtypes and options are checked on every call, traced or not (they are
+static). Values (finite rewards, positive lengths) follow ``check_values``; see
+``prefopt._checks``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any, NamedTuple
+
+from array_api_compat import device
+
+from prefopt import _checks
+from prefopt._ops import Array, get_namespace, log_sigmoid
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+WEIGHTINGS = ("abs", "signed", "squared", "none")
+
+# The checks of the options that mean the same in every loss; a loss with a narrower range
+# (robust DPO's label_smoothing < 0.5, DiscoPOP's tau <= 1) adds one line of its own.
+_OPTION_CHECKS = {
+    "beta": _checks.positive,
+    "tau": _checks.positive,
+    "f_alpha": _checks.positive,
+    "alpha": _checks.non_negative,
+    "gamma": _checks.non_negative,
+    "cpo_alpha": _checks.non_negative,
+    "desirable_weight": _checks.non_negative,
+    "undesirable_weight": _checks.non_negative,
+    "label_smoothing": lambda fn, name, v: _checks.in_range(fn, name, v, 0.0, 0.5),
+    "f_divergence": lambda fn, name, v: _checks.one_of(fn, name, v, F_DIVERGENCES),
+    "weighting": lambda fn, name, v: _checks.one_of(fn, name, v, WEIGHTINGS),
+}
+
+
+def check_options(fn: str, args: Mapping[str, Any]) -> None:
+    """Check every option of ``args`` that has a common rule (raises naming it)."""
+    for name, value in args.items():
+        rule = _OPTION_CHECKS.get(name)
+        if rule is not None:
+            rule(fn, name, value)
+
+
+# ---- pairs: (B,) chosen and rejected ------------------------------------------------------
+
+
+class Pair(NamedTuple):
+    """A checked pairwise batch (see ``pair_inputs``)."""
+
+    xp: ModuleType
+    hw: Array  # (B,) h(y_w), the chosen log-ratio (log-prob without a reference), f-transformed
+    hl: Array  # (B,) h(y_l), the rejected one
+    lw: Array | None  # (B,) |y_w|, token counts in the compute dtype, or None
+    ll: Array | None  # (B,) |y_l|
+    beta: float
+
+
+def pair_inputs(fn: str, args: Mapping[str, Any], *, lengths: str = "optional") -> Pair:
+    """Check a pairwise loss's arguments (``locals()`` at its first line); return a ``Pair``.
+
+    Args:
+        fn: The loss's name, for errors.
+        args: Its arguments: ``chosen_logps``, ``rejected_logps``, optionally the reference
+            and lengths arrays, ``beta``, ``f_divergence``/``f_alpha`` and ``xp``.
+        lengths: ``"optional"`` or ``"required"`` (token counts must be given).
+    """
+    check_options(fn, args)
+    arrays = pair_arrays(
+        fn,
+        args["chosen_logps"],
+        args["rejected_logps"],
+        args.get("ref_chosen_logps"),
+        args.get("ref_rejected_logps"),
+        args.get("xp"),
+    )
+    xp, hw, hl, rw, rl = arrays
+    if rw is not None:
+        hw, hl = hw - rw, hl - rl
+    f_divergence = args.get("f_divergence", "reverse_kl")
+    if f_divergence != "reverse_kl":
+        hw, hl = (f_transform(h, f_divergence, float(args["f_alpha"]), xp) for h in (hw, hl))
+    lw, ll = pair_lengths(
+        fn, args.get("chosen_lengths"), args.get("rejected_lengths"), hw, xp, lengths
+    )
+    return Pair(xp, hw, hl, lw, ll, float(args["beta"]))
+
+
+def pair_arrays(
+    fn: str,
+    chosen_logps: Array,
+    rejected_logps: Array,
+    ref_chosen_logps: Array | None,
+    ref_rejected_logps: Array | None,
+    xp: ModuleType | None,
+) -> tuple[ModuleType, Array, Array, Array | None, Array | None]:
+    """Validate a pairwise batch; return the namespace and its four arrays in the compute dtype."""
+    xp = get_namespace(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp=xp)
+    both_or_neither(
+        fn, "ref_chosen_logps", ref_chosen_logps, "ref_rejected_logps", ref_rejected_logps
+    )
+    arrays = {
+        "chosen_logps": chosen_logps,
+        "rejected_logps": rejected_logps,
+        "ref_chosen_logps": ref_chosen_logps,
+        "ref_rejected_logps": ref_rejected_logps,
+    }
+    _checks.same_shape(fn, "B", arrays)
+    for name, x in arrays.items():
+        if x is not None:
+            _checks.floating(fn, name, x, xp)
+    dtype = _checks.compute_dtype(xp, *arrays.values())
+    return (xp, *(_checks.cast(x, dtype, xp) for x in arrays.values()))
+
+
+def both_or_neither(fn: str, name_a: str, a: Array | None, name_b: str, b: Array | None) -> None:
+    """Raise unless both optional arrays are given or neither is."""
+    if (a is None) != (b is None):
+        raise ValueError(f"{fn}: pass both {name_a} and {name_b}, or neither; got only one")
+
+
+def f_transform(h: Array, f_divergence: str, f_alpha: float, xp: ModuleType) -> Array:
+    r"""The f-divergence transform of log-ratios $h$ (TRL's ``f_divergence_type``)."""
+    # Exponents are clipped so that e^x, and the difference of two of them, stay finite.
+    limit = math.log(float(xp.finfo(h.dtype).max)) - 4.0
+    if f_divergence == "forward_kl":
+        return 1.0 - xp.exp(xp.clip(-h, max=limit))
+    if f_divergence == "js_divergence":
+        return math.log(2.0) + log_sigmoid(h, xp=xp)
+    if f_divergence == "alpha_divergence" and f_alpha != 1.0:
+        return (xp.exp(xp.clip((f_alpha - 1.0) * h, max=limit)) - 1.0) / (f_alpha - 1.0)
+    return h  # reverse_kl, and the alpha-divergence's limit at alpha = 1
+
+
+def pair_lengths(
+    fn: str,
+    chosen_lengths: Array | None,
+    rejected_lengths: Array | None,
+    like: Array,
+    xp: ModuleType,
+    lengths: str = "optional",
+) -> tuple[Array | None, Array | None]:
+    """Validate token counts (B,) (> 0 where values can be read); cast to ``like.dtype``."""
+    if lengths == "chosen":
+        if chosen_lengths is None:
+            return None, None
+        return lengths_of(fn, "chosen_lengths", chosen_lengths, like, xp), None
+    both_or_neither(fn, "chosen_lengths", chosen_lengths, "rejected_lengths", rejected_lengths)
+    if chosen_lengths is None:
+        if lengths == "required":
+            raise ValueError(
+                f"{fn}: chosen_lengths and rejected_lengths (token counts, shape (B,)) are "
+                "required; got None"
+            )
+        return None, None
+    return (
+        lengths_of(fn, "chosen_lengths", chosen_lengths, like, xp),
+        lengths_of(fn, "rejected_lengths", rejected_lengths, like, xp),
+    )
+
+
+def lengths_of(fn: str, name: str, lengths: Array, like: Array, xp: ModuleType) -> Array:
+    """One (B,) array of token counts, checked and cast to ``like.dtype``."""
+    _checks.same_shape(fn, "B", {"chosen_logps": like, name: lengths})
+    _checks.numeric(fn, name, lengths, xp)
+    lengths = _checks.cast(lengths, like.dtype, xp)
+    if _checks.values_checked(lengths, xp, None):
+        _checks.positive_where(fn, name, lengths, xp.ones_like(lengths, dtype=xp.bool), xp)
+    return lengths
+
+
+# ---- groups: (B, n) scored responses ------------------------------------------------------
+
+
+class Group(NamedTuple):
+    """A checked group batch (see ``group_inputs``)."""
+
+    xp: ModuleType
+    scores: Array  # (B, n) s = beta * h, exactly 0 on padding
+    rewards: Array  # (B, n) rewards, 0 on padding; integer ratings in the compute dtype
+    valid: Array | None  # (B, n) bool: the real responses; None: all are real
+    total: Array  # (B, 1) sum of the valid rewards: non-finite exactly when one of them is
+    checked: bool  # whether the rewards were checked to be finite
+    beta: float
+
+
+def group_inputs(fn: str, args: Mapping[str, Any]) -> Group:
+    """Check a group loss's arguments (``locals()`` at its first line); return a ``Group``.
+
+    Args:
+        fn: The loss's name, for errors.
+        args: Its arguments: ``logps``, ``ref_logps``, ``rewards``, optionally ``mask``,
+            ``chosen`` and ``lengths``, ``beta``, ``check_values`` and ``xp``.
+    """
+    check_options(fn, args)
+    check_values = args.get("check_values")
+    xp, logps, ref_logps, rewards, mask, lengths = group_arrays(
+        fn,
+        args["logps"],
+        args["ref_logps"],
+        args["rewards"],
+        args.get("mask"),
+        args.get("lengths"),
+        args.get("chosen"),
+        args.get("xp"),
+    )
+    if lengths is not None and ref_logps is not None:
+        raise ValueError(
+            f"{fn}: lengths normalise the reference-free variant only; "
+            "pass ref_logps=None or leave lengths out"
+        )
+    if lengths is not None and _checks.values_checked(lengths, xp, check_values):
+        valid = xp.ones_like(lengths, dtype=xp.bool) if mask is None else mask
+        _checks.positive_where(fn, "lengths", lengths, valid, xp)
+    # Padding may hold NaN or -inf (a masked log-softmax): replace it before any arithmetic,
+    # so that neither a value, a gradient nor a NumPy warning ever comes from it.
+    h = logps if mask is None else xp.where(mask, logps, 0.0)
+    if ref_logps is not None:
+        h = h - (ref_logps if mask is None else xp.where(mask, ref_logps, 0.0))
+    if lengths is not None:
+        h = h / (lengths if mask is None else xp.where(mask, lengths, 1.0))
+    beta = float(args["beta"])
+    return Group(xp, beta * h, *group_rewards(fn, rewards, mask, xp, check_values), beta)
+
+
+def group_arrays(
+    fn: str,
+    logps: Array,
+    ref_logps: Array | None,
+    rewards: Array,
+    mask: Array | None,
+    lengths: Array | None,
+    chosen: Array | None = None,
+    xp: ModuleType | None = None,
+) -> tuple[ModuleType, Array, Array | None, Array, Array | None, Array | None]:
+    """Validate the shapes and dtypes of a group batch.
+
+    Returns ``(xp, logps, ref_logps, rewards, mask, lengths)``: log-probs and lengths in the
+    compute dtype (see ``_checks.compute_dtype``), integer rewards cast to it.
+    """
+    xp = get_namespace(logps, ref_logps, rewards, mask, chosen, lengths, xp=xp)
+    _checks.same_shape(
+        fn,
+        "B, n",
+        {
+            "logps": logps,
+            "ref_logps": ref_logps,
+            "rewards": rewards,
+            "mask": mask,
+            "lengths": lengths,
+            "chosen": chosen,
+        },
+    )
+    _checks.floating(fn, "logps", logps, xp)
+    for name, x in (("mask", mask), ("chosen", chosen)):
+        if x is not None:
+            _checks.boolean(fn, name, x, xp)
+    if ref_logps is not None:
+        _checks.floating(fn, "ref_logps", ref_logps, xp)
+    if lengths is not None:
+        _checks.numeric(fn, "lengths", lengths, xp)
+    _checks.numeric(fn, "rewards", rewards, xp)
+    dtype = _checks.compute_dtype(xp, logps, ref_logps)
+    logps, ref_logps, lengths = (_checks.cast(x, dtype, xp) for x in (logps, ref_logps, lengths))
+    if not _checks.is_floating(rewards.dtype, xp):
+        rewards = xp.astype(rewards, dtype)  # integer ratings; floating rewards keep their dtype
+    return xp, logps, ref_logps, rewards, mask, lengths
+
+
+def valid_of(group: Group) -> Array:
+    """The (B, n) boolean mask of real responses (all true when no mask was given)."""
+    if group.valid is not None:
+        return group.valid
+    return group.xp.ones(group.scores.shape, dtype=group.xp.bool, device=device(group.scores))
+
+
+def group_rewards(
+    fn: str, rewards: Array, mask: Array | None, xp: ModuleType, check_values: bool | None
+) -> tuple[Array, Array | None, Array, bool]:
+    """``(rewards, mask, total, checked)`` of a ``Group``: padding 0, sums, value check."""
+    r = rewards if mask is None else xp.where(mask, rewards, 0.0)
+    total = xp.sum(r, axis=-1, keepdims=True)
+    if not _checks.values_checked(rewards, xp, check_values):
+        return r, mask, total, False
+    bad = _checks.count_false(xp.isfinite(total), xp)
+    if bad:
+        raise ValueError(
+            f"{fn}: rewards must be finite where mask is true; "
+            f"got NaN or infinite rewards in {bad} group(s)"
+        )
+    return r, mask, total, bad is not None
+
+
+def nan_where_unchecked(loss: Array, group: Group) -> Array:
+    """Loss NaN for the groups whose rewards are not all finite, unless they were checked.
+
+    Unchecked rewards (traced, on an accelerator, or ``check_values=False``): a group with a
+    non-finite reward gets a visible NaN rather than a silently skipped group.
+    """
+    if group.checked:
+        return loss
+    return group.xp.where(group.xp.isfinite(group.total[..., 0]), loss, math.nan)
+
+
+# ---- unpaired: (B,) responses marked desirable --------------------------------------------
+
+
+class Unpaired(NamedTuple):
+    """A checked unpaired batch (see ``unpaired_inputs``)."""
+
+    xp: ModuleType
+    ratios: Array  # (B,) h(y): log-ratio, or log-prob without a reference
+    beta: float
+
+
+def unpaired_inputs(fn: str, args: Mapping[str, Any]) -> Unpaired:
+    """Check an unpaired loss's arguments (``locals()`` at its first line); return ``Unpaired``."""
+    check_options(fn, args)
+    logps, ref_logps = args["logps"], args["ref_logps"]
+    xp = get_namespace(logps, ref_logps, args.get("desirable"), xp=args.get("xp"))
+    return Unpaired(xp, log_ratios(fn, logps, ref_logps, xp), float(args.get("beta", 1.0)))
+
+
+def log_ratios(fn: str, logps: Array, ref_logps: Array | None, xp: ModuleType) -> Array:
+    """(B,) ``logps - ref_logps`` (or ``logps``) in the compute dtype, shapes checked."""
+    _checks.same_shape(fn, "B", {"logps": logps, "ref_logps": ref_logps})
+    _checks.floating(fn, "logps", logps, xp)
+    if ref_logps is not None:
+        _checks.floating(fn, "ref_logps", ref_logps, xp)
+    dtype = _checks.compute_dtype(xp, logps, ref_logps)
+    h = _checks.cast(logps, dtype, xp)
+    return h if ref_logps is None else h - _checks.cast(ref_logps, dtype, xp)
