@@ -18,12 +18,21 @@ def log_sigmoid(x):
     return jax.nn.log_sigmoid(x)
 
 
+def softplus(x):
+    return jax.nn.softplus(x)
+
+
 def logsumexp(x, *, axis, keepdims):
     return jax.nn.logsumexp(x, axis=axis, keepdims=keepdims)
 
 
 def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
+
+
+def all_finite(x) -> bool | None:
+    ok = jax.numpy.isfinite(x).all()
+    return None if isinstance(ok, jax.core.Tracer) else bool(ok)
 
 
 def on_host(x) -> bool:

@@ -16,6 +16,7 @@ import torch
 import prefopt
 from prefopt.logps import label_logps, row_chunks
 from prefopt.losses.compose import REDUCTIONS, counted, reduce
+from prefopt.losses.group import mpo_terms
 from prefopt.losses.registry import POSITIONAL, spec
 
 # prefopt memoises dtype facts with functools caches (pure functions of dtypes), which
@@ -32,12 +33,22 @@ def log_sigmoid(x):
     return torch.nn.functional.logsigmoid(x)
 
 
+def softplus(x):
+    # log(1 + e^x) rounds to x above 40 in float32 and float64: the cut-off is exact there
+    return torch.nn.functional.softplus(x, beta=1.0, threshold=40.0)
+
+
 def logsumexp(x, *, axis, keepdims):
     return torch.logsumexp(x, dim=axis, keepdim=keepdims)
 
 
 def is_concrete(x) -> bool:
-    return not torch.compiler.is_compiling()
+    # not inside torch.compile, nor a torch.func.vmap batch (whose values cannot be read)
+    return not torch.compiler.is_compiling() and not torch._C._functorch.is_batchedtensor(x)
+
+
+def all_finite(x) -> bool | None:
+    return bool(torch.isfinite(x).all()) if is_concrete(x) else None
 
 
 def on_host(x) -> bool:
@@ -803,17 +814,10 @@ class MPOLoss(PreferenceLoss):
         self, logps, ref_logps, rewards, *, mask=None, chosen=None, lengths=None
     ) -> torch.Tensor:
         """The loss of a batch, reduced; the arrays as ``prefopt.mpo_loss`` takes them."""
-        loss = prefopt.mpo_loss(
-            logps,
-            ref_logps,
-            rewards,
-            mask=mask,
-            chosen=chosen,
-            lengths=lengths,
-            **self.options,
-            xp=torch_xp,
-        )
-        return self.reduce(loss, rewards, mask, chosen)
+        arrays = {"logps": logps, "ref_logps": ref_logps, "rewards": rewards, "mask": mask}
+        arrays.update(chosen=chosen, lengths=lengths, xp=torch_xp)
+        loss, counted = mpo_terms("MPOLoss", {**arrays, **self.options})
+        return reduce(loss, self.reduction, counted, xp=torch_xp)  # one split, not two
 
 
 class InfoNCALoss(PreferenceLoss):
@@ -1051,6 +1055,12 @@ def fused_linear_logps(
     from prefopt.logps import check_fused_inputs
 
     check_fused_inputs(hidden, weight, bias, labels, chunk_size, ignore_index, torch_xp)
+    for name, x in (("weight", weight), ("bias", bias)):
+        if x is not None and x.dtype != hidden.dtype:  # a torch matmul does not promote
+            raise TypeError(
+                f"fused_linear_logps: {name} must have the dtype of hidden, {hidden.dtype}; "
+                f"got {x.dtype} (cast hidden or {name}: the output layer runs in one dtype)"
+            )
     lead = hidden.shape[:-1]
     flat_labels = labels.reshape(-1)
     valid = flat_labels != ignore_index

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from types import ModuleType
 
 from prefopt._ops import Array, native
@@ -93,15 +94,23 @@ def cast(x: Array | None, dtype, xp: ModuleType) -> Array | None:
     return xp.astype(x, dtype)
 
 
+def number(fn: str, name: str, value) -> float:
+    """``value`` as a float if it is a real number (not a string, a bool, None or an array)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        got = f"{type(value).__name__} {value!r}" if len(repr(value)) < 40 else type(value).__name__
+        raise TypeError(f"{fn}: {name} must be a real number; got {got}")
+    return float(value)
+
+
 def positive(fn: str, name: str, value: float) -> float:
-    value = float(value)
+    value = number(fn, name, value)
     if not value > 0 or value == float("inf"):
         raise ValueError(f"{fn}: {name} must be a finite number > 0; got {value}")
     return value
 
 
 def non_negative(fn: str, name: str, value: float) -> float:
-    value = float(value)
+    value = number(fn, name, value)
     if not 0 <= value < float("inf"):
         raise ValueError(f"{fn}: {name} must be a finite number >= 0; got {value}")
     return value
@@ -110,7 +119,7 @@ def non_negative(fn: str, name: str, value: float) -> float:
 def in_range(
     fn: str, name: str, value: float, low: float, high: float, *, open_low=False, open_high=False
 ) -> float:
-    value = float(value)
+    value = number(fn, name, value)
     above = low < value if open_low else low <= value
     below = value < high if open_high else value <= high
     if not (above and below):
@@ -120,7 +129,7 @@ def in_range(
 
 
 def finite(fn: str, name: str, value: float) -> float:
-    value = float(value)
+    value = number(fn, name, value)
     if not math.isfinite(value):
         raise ValueError(f"{fn}: {name} must be a finite number; got {value}")
     return value
@@ -159,11 +168,23 @@ def count_false(flags: Array, xp: ModuleType) -> int | None:
     return 0 if ok else int(xp.sum(xp.astype(~flags, xp.int32)))
 
 
+def all_finite(x: Array, xp: ModuleType) -> bool | None:
+    """Whether every entry of ``x`` is finite; ``None`` when that is unknown (traced).
+
+    One native call on PyTorch and JAX: this is on the hot path of every group loss.
+    """
+    backend = native(xp)
+    if backend is not None:
+        return backend.all_finite(x)
+    return bool(xp.all(xp.isfinite(x)))
+
+
 def positive_where(fn: str, name: str, x: Array, where: Array, xp: ModuleType) -> bool:
-    """Raise if ``x`` is not > 0 where ``where``; return whether it could be checked."""
-    bad = count_false(~where | (x > 0.0), xp)
+    """Raise if ``x`` is not finite and > 0 where ``where``; return whether it could be checked."""
+    bad = count_false(~where | ((x > 0.0) & (x < math.inf)), xp)
     if bad:
         raise ValueError(
-            f"{fn}: {name} must be > 0 where mask is true; got {bad} value(s) <= 0 or NaN"
+            f"{fn}: {name} must be finite and > 0 where mask is true; "
+            f"got {bad} value(s) <= 0, infinite or NaN"
         )
     return bad is not None

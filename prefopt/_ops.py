@@ -20,12 +20,15 @@ Array = Any
 _NAMESPACE_BY_TYPE: dict[type, ModuleType] = {}
 
 
-def get_namespace(*arrays: Array | None, xp: ModuleType | None = None) -> ModuleType:
+def get_namespace(
+    *arrays: Array | None, xp: ModuleType | None = None, fn: str = "prefopt"
+) -> ModuleType:
     """Return the Array API namespace shared by ``arrays`` (``None`` entries are skipped).
 
     Args:
         *arrays: The arrays of one call; ``None`` stands for an optional input left out.
         xp: A namespace the caller already knows; returned as it is, skipping the lookup.
+        fn: The function to name in an error.
 
     Returns:
         The array-api-compat namespace of the arrays (``numpy`` arrays get
@@ -35,6 +38,11 @@ def get_namespace(*arrays: Array | None, xp: ModuleType | None = None) -> Module
         TypeError: When the arrays come from different libraries.
     """
     if xp is not None:
+        if not hasattr(xp, "__array_api_version__"):  # e.g. the bare torch module
+            raise TypeError(
+                f"{fn}: xp must be an Array API namespace (array_api_compat.torch, jax.numpy, "
+                f"array_api_compat.numpy...); got {getattr(xp, '__name__', xp)!r}"
+            )
         return xp
     found = None
     for a in arrays:
@@ -106,7 +114,11 @@ def stop_gradient(x: Array, *, xp: ModuleType) -> Array:
 def softplus(x: Array, *, xp: ModuleType | None = None) -> Array:
     r"""Stable $\operatorname{softplus}(x) = \log(1 + e^{x}) = -\log\sigma(-x)$, elementwise.
 
-    Exact for large $x$ (no linear cut-off as in ``torch.nn.functional.softplus``).
+    The losses' $-\log\sigma(z)$ is ``softplus(-z)``: one kernel, +0.0 (never -0.0) where
+    the margin saturates, gradient exactly $0.5$ at $0$ on every backend, finite for
+    $|x| = 10^4$. PyTorch's kernel returns $x$ itself above $x = 40$, where
+    $\log(1 + e^{x})$ rounds to $x$ in float64 and float32 alike (the default cut-off of
+    ``torch.nn.functional.softplus``, 20, is not exact).
 
     Args:
         x: A real floating array of any shape.
@@ -116,7 +128,11 @@ def softplus(x: Array, *, xp: ModuleType | None = None) -> Array:
         An array of the shape and dtype of ``x``.
     """
     xp = get_namespace(x, xp=xp)
-    return -log_sigmoid(-x, xp=xp)
+    backend = native(xp)
+    if backend is not None:
+        return backend.softplus(x)
+    # logaddexp(x, 0), with a zeros array: see log_sigmoid
+    return xp.logaddexp(x, xp.zeros_like(x))
 
 
 def logsumexp(
@@ -190,7 +206,13 @@ def masked_mean(
     """
     xp = get_namespace(x, mask, xp=xp)
     if mask is None:
-        return xp.mean(x, axis=axis, keepdims=keepdims)
+        size = math.prod(x.shape) if axis is None else x.shape[axis]
+        # an empty mean is 0 with a zero gradient, as an empty selection is
+        return (
+            xp.mean(x, axis=axis, keepdims=keepdims)
+            if size
+            else xp.sum(x, axis=axis, keepdims=keepdims)
+        )
     mask = xp.broadcast_to(mask, x.shape)
     total = xp.sum(xp.where(mask, x, xp.zeros_like(x)), axis=axis, keepdims=keepdims)
     count = xp.sum(xp.astype(mask, x.dtype), axis=axis, keepdims=keepdims)

@@ -12,6 +12,9 @@ from __future__ import annotations
 import math
 from types import ModuleType
 
+import array_api_compat
+from array_api_compat import device
+
 from prefopt import _checks
 from prefopt._ops import Array, get_namespace, logsumexp
 
@@ -131,6 +134,8 @@ def token_logps(
         )[0]
         for start, stop in row_chunks(rows, chunk_size)
     ]
+    if not pieces:  # no position at all (T = 0 or B = 0)
+        return xp.zeros(lead, dtype=dtype, device=device(logits))
     out = pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=0)
     return xp.reshape(out, lead)
 
@@ -154,6 +159,8 @@ def label_logps(
     """
     valid = labels != ignore_index
     index = xp.where(valid, labels, xp.zeros_like(labels))  # any id in range for ignored rows
+    if array_api_compat.is_torch_namespace(xp) and index.dtype != xp.int64:
+        index = xp.astype(index, xp.int64)  # torch gathers with int64 indices only
     lse = logsumexp(logits, axis=-1, xp=xp)
     picked = xp.take_along_axis(logits, xp.expand_dims(index, axis=-1), axis=-1)[..., 0]
     return xp.where(valid, picked - lse, 0.0), lse
@@ -186,7 +193,12 @@ def shift_labels(labels: Array, *, ignore_index: int = -100, xp: ModuleType | No
         >>> prefopt.shift_labels(np.array([[-100, -100, 5, 7]]))
         array([[-100,    5,    7, -100]])
     """
-    xp = get_namespace(labels, xp=xp)
+    xp = get_namespace(labels, xp=xp, fn="shift_labels")
+    if _checks.is_kind(labels.dtype, "unsigned integer", xp):
+        raise TypeError(
+            f"shift_labels: labels must be a signed integer array (ignore_index={ignore_index} "
+            f"does not fit); got dtype {labels.dtype}"
+        )
     if labels.ndim < 1:
         raise ValueError(
             f"shift_labels: labels must have shape (..., T); got {tuple(labels.shape)}"

@@ -58,10 +58,10 @@ def pair_metrics(
     xp = p.xp
     rw, rl = stop_gradient(p.beta * p.hw, xp=xp), stop_gradient(p.beta * p.hl, xp=xp)
     return {
-        "rewards/chosen": xp.mean(rw),
-        "rewards/rejected": xp.mean(rl),
-        "rewards/margins": xp.mean(rw - rl),
-        "rewards/accuracies": xp.mean(xp.astype(rw > rl, rw.dtype)),
+        "rewards/chosen": masked_mean(rw, xp=xp),  # 0 for an empty batch
+        "rewards/rejected": masked_mean(rl, xp=xp),
+        "rewards/margins": masked_mean(rw - rl, xp=xp),
+        "rewards/accuracies": masked_mean(xp.astype(rw > rl, rw.dtype), xp=xp),
     }
 
 
@@ -108,7 +108,7 @@ def group_metrics(
     """
     g = group_inputs("group_metrics", locals())
     xp, s = g.xp, stop_gradient(g.scores, xp=g.xp)
-    groups = split(g, chosen)
+    groups = split(g, g.chosen)
     counted = groups.counted
     mean_chosen = masked_mean(masked_mean(s, groups.chosen, axis=-1, xp=xp), counted, xp=xp)
     mean_rejected = masked_mean(masked_mean(s, groups.rejected, axis=-1, xp=xp), counted, xp=xp)

@@ -123,13 +123,15 @@ def test_stop_gradient():
     assert not stop_gradient(x * 2).requires_grad
 
 
-def test_reward_gradients_do_not_leak_nan_from_padding():
+def test_rewards_with_nan_padding_get_no_gradient_and_leak_no_nan():
     logps, ref, rewards, mask = group_batch()
+    logps = logps.clone().requires_grad_(True)
     rewards = rewards.clone()
     rewards[~mask] = np.nan
     rewards.requires_grad_(True)
     prefopt.mpo_loss(logps, ref, rewards, mask=mask).sum().backward()
-    assert torch.all(torch.isfinite(rewards.grad))
+    assert rewards.grad is None  # rewards are data
+    assert torch.all(torch.isfinite(logps.grad))
 
 
 CATALOGUE = [name for name in prefopt.available_losses() if name != "dpo"]

@@ -79,6 +79,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
     p.add_argument("--output", default=d.output, help=f"output directory (default {d.output})")
     p.add_argument("--resume", action="store_true", help="continue from --output's checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=d.max_length,
+        help=f"longest prompt + response in tokens, for --data rows (default {d.max_length})",
+    )
     p.add_argument("--eval-every", type=int, default=d.eval_every, help=f"default {d.eval_every}")
     p.add_argument("--save-every", type=int, default=d.save_every, help=f"default {d.save_every}")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     import transformers
 
-    from prefopt.cli.train import Config, UserError, run
+    from prefopt.cli.train import Config, Interrupted, UserError, run
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -102,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"prefopt train: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"prefopt train: {err}", file=sys.stderr)
+        return 130
     last = records[-1] if records else {}
     summary = f"done: {len(records)} steps; outputs in {config.output}/"
     if "heldout_reward" in last:

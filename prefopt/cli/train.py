@@ -30,6 +30,14 @@ class UserError(Exception):
     """A mistake in the command line or the data: reported in one line, exit status 2."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C: the run stopped after a whole step and saved its checkpoint."""
+
+
+# What --resume must find unchanged: the run's data, loss and its options.
+RESUME_FIXED = ("model", "data", "loss", "beta", "alpha", "extra", "pairs", "no_reference")
+
+
 @dataclass
 class Config:
     """The settings of a run (the command-line options)."""
@@ -51,6 +59,8 @@ class Config:
     save_every: int = 100
     pairs: str = "all"
     no_reference: bool = False
+    max_length: int = 512
+    overwrite: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -79,17 +89,27 @@ def load_model(config: Config):
     return model, tokenizer
 
 
-def read_rows(path: str) -> list[dict[str, Any]]:
-    """The rows of a JSONL file, each checked; errors name the file and the line."""
+def read_rows(path: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of a JSONL file, each checked, and where each is (``file:line``).
+
+    Errors name the file and the line: a line that is not UTF-8 text or not JSON, a row
+    that is not a group or pair row, rewards or ``ref_logps`` that are not finite numbers.
+    """
     file = Path(path)
     if not file.is_file():
         raise UserError(f"--data: no such file: {path}")
-    rows = []
-    with file.open() as f:
-        for number, line in enumerate(f, 1):
+    rows, places = [], []
+    with file.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(
+                    f"{where}: not UTF-8 text ({err.reason} at byte {err.start})"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
@@ -99,9 +119,22 @@ def read_rows(path: str) -> list[dict[str, Any]]:
             except ValueError as err:
                 raise UserError(str(err)) from None
             rows.append(row)
+            places.append(where)
     if not rows:
         raise UserError(f"{path}: no rows")
-    return rows
+    return rows, places
+
+
+def check_lengths(rows, places, collator: PreferenceCollator, max_length: int) -> None:
+    """Refuse a row whose prompt and a response are longer than ``max_length`` tokens."""
+    for row, where in zip(rows, places):
+        prompt, responses, _ = group_rows(row, where)
+        longest = max(len(collator.encode(prompt + r)) for r in responses) + 2  # bos, eos
+        if longest > max_length:
+            raise UserError(
+                f"{where}: prompt and response are {longest} tokens, more than --max-length "
+                f"{max_length}; raise --max-length or shorten the row"
+            )
 
 
 def check(config: Config) -> dict[str, Any]:
@@ -114,7 +147,8 @@ def check(config: Config) -> dict[str, Any]:
         raise UserError("--loss kto needs unpaired data; prefopt train uses groups or pairs")
     if found.couples_batch:
         raise UserError(f"--loss {config.loss} sorts across the batch; it cannot run on groups")
-    for name in ("responses", "steps", "prompts", "response_tokens", "eval_every", "save_every"):
+    names = ("responses", "steps", "prompts", "response_tokens", "eval_every", "save_every")
+    for name in (*names, "max_length"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(config, name)}")
     if config.responses < 2 and config.data is None:
@@ -204,11 +238,20 @@ def evaluate(model, tokenizer, prompts: list[str], config: Config, step: int) ->
 def run(config: Config) -> list[dict[str, Any]]:
     """Train as ``config`` says; returns the logged records (one per step)."""
     options = check(config)
-    rows = read_rows(config.data) if config.data else None
+    rows, places = read_rows(config.data) if config.data else (None, None)
     out = Path(config.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out}: a file, not a directory")
     state_file = out / "checkpoint" / "state.pt"
     if config.resume and not state_file.is_file():
         raise UserError(f"--resume: no checkpoint in {out}")
+    if not (config.resume or config.overwrite) and (
+        (out / "metrics.jsonl").exists() or (out / "checkpoint").exists()
+    ):
+        raise UserError(
+            f"--output {out} holds a run already: --resume continues it, --overwrite replaces it"
+        )
+    state = load_state(state_file, config) if config.resume else None
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(config)
     reference = None
@@ -218,20 +261,22 @@ def run(config: Config) -> list[dict[str, Any]]:
     picker = random.Random(config.seed)
     records: list[dict[str, Any]] = []
     start = 0
-    if config.resume:
-        state = torch.load(state_file, weights_only=False)
+    if state is not None:
         model.load_state_dict(state["model"])
         if reference is not None:
             reference.load_state_dict(state["reference"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
-        picker.setstate(state["picker"])
+        picker.setstate(_as_tuples(state["picker"]))
         records, start = state["records"], state["step"]
+    collator = PreferenceCollator(tokenizer, max_length=config.max_length) if rows else None
+    if rows:
+        check_lengths(rows, places, collator, config.max_length)
     out.mkdir(parents=True, exist_ok=True)
-    collator = PreferenceCollator(tokenizer) if rows else None
     train_prompts, heldout = copy_task_prompts(config.seed)
     progress = _progress(config, start)
     model.train()
+    stop = _StopOnInterrupt()
     for step in range(start, config.steps):
         record: dict[str, Any] = {"step": step + 1}
         if rows is None:
@@ -254,6 +299,10 @@ def run(config: Config) -> list[dict[str, Any]]:
         loss, metrics, _ = loss_and_metrics(
             model, batch, ref_model=reference, loss=config.loss, pairs=config.pairs, **options
         )
+        if not math.isfinite(loss.item()):  # never take a step with it, never save it
+            raise UserError(
+                f"step {step + 1}: the loss is {loss.item()}; the last good checkpoint is in {out}/"
+            )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -264,11 +313,72 @@ def run(config: Config) -> list[dict[str, Any]]:
             record["heldout_reward"] = evaluate(model, tokenizer, heldout, config, step + 1)
         records.append(record)
         progress.update(record)
-        if (step + 1) % config.save_every == 0 or last:
+        if (step + 1) % config.save_every == 0 or last or stop.asked:
             _save(out, model, reference, optimizer, picker, records, step + 1, config, tokenizer)
+        if stop.asked and not last:
+            progress.close()
+            stop.restore()
+            raise Interrupted(
+                f"interrupted after step {step + 1}; checkpoint saved in {out}/ "
+                "(continue with --resume)"
+            )
+    stop.restore()
     progress.close()
     _write_outputs(out, records)
     return records
+
+
+def load_state(state_file: Path, config: Config) -> dict[str, Any]:
+    """A checkpoint, read without unpickling objects; its run must match ``config``."""
+    try:
+        state = torch.load(state_file, weights_only=True)
+        saved = state["config"]
+        keys = ("model", "optimizer", "torch_rng", "picker", "records", "step")
+        missing = [k for k in keys if k not in state]
+    except Exception as err:  # a truncated or foreign file: any unpickling error
+        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
+        raise UserError(
+            f"--resume: {state_file} is not a readable checkpoint "
+            f"({type(err).__name__}{': ' + reason if reason else ''})"
+        ) from None
+    if missing:
+        raise UserError(f"--resume: {state_file} lacks {', '.join(missing)}")
+    changed = [k for k in RESUME_FIXED if saved.get(k) != getattr(config, k)]
+    if changed:
+        what = ", ".join(f"{k} {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
+        raise UserError(f"--resume: the run was made with other settings ({what})")
+    return state
+
+
+def _as_tuples(value: Any) -> Any:
+    """``random.Random`` state from a checkpoint (lists back to the tuples it needs)."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+class _StopOnInterrupt:
+    """The first Ctrl-C asks the loop to stop after the current step; a second one stops now."""
+
+    def __init__(self):
+        import signal
+
+        self.asked = False
+        self.previous = None
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._ask)
+        except ValueError:  # not the main thread: Ctrl-C behaves as usual
+            pass
+
+    def _ask(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def restore(self) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 def _save(out, model, reference, optimizer, picker, records, step, config, tokenizer):

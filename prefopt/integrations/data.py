@@ -32,6 +32,7 @@ def group_rows(row: dict[str, Any], where: str = "row") -> tuple[str, list[str],
     if "chosen" in row or "rejected" in row:
         if not (isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str)):
             raise ValueError(f"{where}: a pair row needs strings 'chosen' and 'rejected'")
+        _check_ref_logps(row, 2, where)
         return row["prompt"], [row["chosen"], row["rejected"]], [1.0, 0.0]
     responses, rewards = row.get("responses"), row.get("rewards")
     if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
@@ -45,15 +46,50 @@ def group_rows(row: dict[str, Any], where: str = "row") -> tuple[str, list[str],
             f"{where}: 'rewards' must be a list with one number per response; "
             f"got {len(responses)} responses and {got} rewards"
         )
-    try:
-        rewards = [float(r) for r in rewards]
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: rewards must be numbers; got {row['rewards']!r}") from None
-    if not all(math.isfinite(r) for r in rewards):
-        raise ValueError(f"{where}: rewards must be finite; got {row['rewards']!r}")
+    rewards = _numbers(row["rewards"], where, "rewards")
     if not responses:
         raise ValueError(f"{where}: a group row needs at least one response")
+    _check_ref_logps(row, len(responses), where)
     return row["prompt"], responses, rewards
+
+
+# Rewards and log-probs are collated as float32: larger magnitudes would become inf.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _numbers(values: Any, where: str, name: str) -> list[float]:
+    """Finite numbers that fit float32, as floats; a ValueError naming the row otherwise."""
+    shown = repr(values) if len(repr(values)) < 80 else repr(values)[:77] + "..."
+    numbers = []
+    for value in values:
+        if isinstance(value, (bool, str)):
+            raise ValueError(f"{where}: {name} must be numbers; got {shown}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: {name} must be numbers; got {shown}") from None
+        if not (math.isfinite(number) and abs(number) <= _FLOAT32_MAX):
+            raise ValueError(
+                f"{where}: {name} must be finite and at most 3.4e38 in size; got {shown}"
+            )
+        numbers.append(number)
+    return numbers
+
+
+def _check_ref_logps(row: dict[str, Any], n: int, where: str) -> None:
+    """An optional ``ref_logps`` column: one finite number per response."""
+    if "ref_logps" not in row:
+        return
+    ref = row["ref_logps"]
+    if not isinstance(ref, list) or len(ref) != n:
+        got = len(ref) if isinstance(ref, list) else type(ref).__name__
+        raise ValueError(
+            f"{where}: 'ref_logps' must be a list with one number per response; "
+            f"got {n} responses and {got}"
+        )
+    _numbers(ref, where, "ref_logps")
 
 
 def collate_ids(
@@ -76,6 +112,10 @@ def collate_ids(
         prompt and padding), ``rewards`` (B, n) float32, ``mask`` (B, n) bool, and
         ``ref_logps`` (B, n) float32 when given.
     """
+    if not groups:
+        raise ValueError("collate_ids: no groups to collate (an empty batch)")
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"collate_ids: max_length must be >= 1 or None; got {max_length}")
     B = len(groups)
     n = max(len(g[1]) for g in groups)
     seqs = [[(g[0] + r) for r in g[1]] for g in groups]

@@ -52,6 +52,10 @@ class PreferenceCollator:
     """
 
     def __init__(self, tokenizer: Any, *, max_length: int | None = None, add_eos: bool = True):
+        if max_length is not None and (isinstance(max_length, bool) or max_length < 1):
+            raise ValueError(
+                f"PreferenceCollator: max_length must be an int >= 1 or None; got {max_length!r}"
+            )
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.add_eos = add_eos
@@ -68,6 +72,8 @@ class PreferenceCollator:
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Collate rows into tensors (see the class docstring)."""
+        if not rows:
+            raise ValueError("PreferenceCollator: no rows to collate (an empty batch)")
         groups = []
         for i, row in enumerate(rows):
             prompt, responses, rewards = group_rows(row, f"row {i}")

@@ -188,7 +188,9 @@ def group_pairwise_loss(
     xp, logps, ref_logps, rewards, mask, lengths = group_arrays(
         fn, logps, ref_logps, rewards, mask, lengths, chosen, xp
     )
-    group = Group(xp, None, *group_rewards(fn, rewards, mask, xp, check_values), 1.0)
+    if logps.shape[-1] == 0:  # no response: no pair, loss 0
+        return xp.zeros(logps.shape[:1], dtype=logps.dtype, device=device(logps))
+    group = Group(xp, None, *group_rewards(fn, rewards, mask, xp, check_values, logps.dtype), 1.0)
     groups = split(group, chosen)
     valid = groups.chosen | groups.rejected
     # Padding may hold NaN: replace it before any arithmetic (its pairs are dropped below).
@@ -211,8 +213,8 @@ def group_pairwise_loss(
         )
     else:
         index = xp.arange(n, device=device(logps))
-        best = xp.argmax(xp.where(valid, rewards, -math.inf), axis=-1)
-        worst = xp.argmin(xp.where(valid, rewards, math.inf), axis=-1)
+        best = xp.argmax(xp.where(valid, group.rewards, -math.inf), axis=-1)
+        worst = xp.argmin(xp.where(valid, group.rewards, math.inf), axis=-1)
         sides = tuple(
             {
                 k: xp.sum(xp.where(index == xp.expand_dims(at, axis=-1), v, 0.0), axis=-1)
@@ -386,10 +388,12 @@ def reduce(loss: Array, reduction: str, counted: Array | None, *, xp: ModuleType
     """
     if reduction == "none":
         return loss
+    if reduction == "mean" and counted is None and loss.shape[0]:
+        return xp.mean(loss)  # one kernel, where sum and divide are two
     total = xp.sum(loss)
     if reduction == "sum":
         return total
-    if reduction == "batchmean" or counted is None:
+    if counted is None or reduction == "batchmean":
         return total / max(loss.shape[0], 1)
     return total / xp.clip(xp.sum(xp.astype(counted, loss.dtype)), min=1.0)
 

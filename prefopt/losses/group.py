@@ -9,7 +9,15 @@ from typing import NamedTuple
 from array_api_compat import device
 
 from prefopt import _checks
-from prefopt._ops import Array, get_namespace, log_sigmoid, logsumexp, stop_gradient
+from prefopt._ops import (
+    Array,
+    get_namespace,
+    log_sigmoid,
+    logsumexp,
+    native,
+    softplus,
+    stop_gradient,
+)
 from prefopt.losses.inputs import (
     WEIGHTINGS,
     Group,
@@ -32,21 +40,36 @@ class Split(NamedTuple):
 
 
 def split(group: Group, chosen: Array | None = None) -> Split:
-    """The MPO mean split of a checked group batch, or the explicit ``chosen`` set."""
+    r"""The MPO mean split of a checked group batch, or the explicit ``chosen`` set.
+
+    "Above the mean" does not depend on rounding. Integer ratings compare exactly:
+    $n\,r_i > \sum_j r_j$ in their integer dtype. Floating rewards count as above the mean
+    only when $d_i > 4 n \epsilon \max_j |r_j|$ ($\epsilon$ the dtype's machine epsilon):
+    the sum of $n$ rewards is exact to about $n \epsilon \max|r|$, so a reward within that
+    of the mean (the middle of ``[0.1, 0.2, 0.3]``) is never chosen because of the order of
+    the group, a constant shift or the float dtype.
+    """
     xp, r, valid = group.xp, group.rewards, group.valid
     if valid is None:
         count = float(r.shape[-1])
     else:
         count = xp.clip(xp.sum(xp.astype(valid, r.dtype), axis=-1, keepdims=True), min=1.0)
     deviation = r - group.total / count
-    chosen = deviation > 0.0 if chosen is None else chosen
+    if chosen is None and group.ratings is not None:
+        q = group.ratings
+        whole = r.shape[-1] if valid is None else xp.sum(xp.astype(valid, q.dtype), axis=-1)
+        n = whole if valid is None else xp.expand_dims(whole, axis=-1)
+        chosen = q * n > xp.sum(q, axis=-1, keepdims=True)
+    elif chosen is None:
+        scale = xp.max(xp.abs(r), axis=-1, keepdims=True)
+        chosen = deviation > (4.0 * float(xp.finfo(r.dtype).eps)) * count * scale
     if valid is None:
         rejected = ~chosen
     else:
         chosen = chosen & valid
         rejected = valid ^ chosen
-    # Both any()s are needed even for the mean split: equal rewards whose computed mean
-    # rounds below them (7.300473036790027 five times) would all land in Y+.
+    # Both any()s are needed even for the mean split: a group of one valid response has an
+    # empty chosen set, a group of equal rewards too.
     counted = xp.any(chosen, axis=-1) & xp.any(rejected, axis=-1)
     return Split(deviation, chosen, rejected, counted)
 
@@ -101,11 +124,10 @@ def mpo_split(
         if x is not None:
             _checks.boolean(fn, name, x, xp)
     _checks.numeric(fn, "rewards", rewards, xp)
-    if not _checks.is_floating(rewards.dtype, xp):
-        # Integer ratings split exactly in float32: a mean of integers is either an integer
-        # (representable) or at least 1/n away from every integer.
-        rewards = xp.astype(rewards, xp.float32)
-    group = Group(xp, None, *group_rewards(fn, rewards, mask, xp, check_values), 1.0)
+    if rewards.shape[-1] == 0:  # no response: empty sets, no group counts
+        empty = xp.zeros(rewards.shape, dtype=xp.bool, device=device(rewards))
+        return empty, empty, xp.zeros(rewards.shape[:1], dtype=xp.bool, device=device(rewards))
+    group = Group(xp, None, *group_rewards(fn, rewards, mask, xp, check_values, xp.float32), 1.0)
     groups = split(group, chosen)
     return groups.chosen, groups.rejected, groups.counted
 
@@ -192,24 +214,32 @@ def mpo_loss(
         >>> prefopt.mpo_loss(logps, None, rewards, weighting="none").round(6)
         array([0.598139])
     """
-    g = group_inputs("mpo_loss", locals())
-    groups = split(g, chosen)
-    s = g.scores
-    if weighting != "none":
-        d = _checks.cast(groups.deviation, s.dtype, g.xp)
-        log_w = {"abs": g.xp.abs(d), "signed": d, "squared": d * d}[weighting]
-        s = s + alpha * log_w
-    lse_rejected = logsumexp(s, mask=groups.rejected, xp=g.xp)
-    if mask is not None:
-        # A group with no valid response has two empty sets, -inf - -inf; its loss is
-        # discarded below, but the subtraction must not produce NaN (or NumPy warnings).
-        lse_rejected = g.xp.where(g.xp.any(mask, axis=-1), lse_rejected, 0.0)
-    margin = logsumexp(s, mask=groups.chosen, xp=g.xp) - lse_rejected
-    # A degenerate group gets margin +inf, where -log(sigmoid) and its gradient are exactly
-    # 0; replacing it before the log-sigmoid keeps the -inf it had out of every backward.
-    # (0 - x, not -x: log_sigmoid(inf) is 0.0 in PyTorch, and -0.0 would print as "-0.")
-    loss = 0.0 - log_sigmoid(g.xp.where(groups.counted, margin, math.inf), xp=g.xp)
-    return nan_where_unchecked(loss, g)
+    return mpo_terms("mpo_loss", locals())[0]
+
+
+def mpo_terms(fn: str, args: dict) -> tuple[Array, Array]:
+    """MPO's formula: ``(loss, counted)`` per group, from ``mpo_loss``'s arguments.
+
+    ``MPOLoss`` takes ``counted`` from here for its mean instead of splitting again.
+    """
+    g = group_inputs(fn, args)
+    groups = split(g, g.chosen)
+    xp, s = g.xp, g.scores
+    if args["weighting"] != "none":
+        d = _checks.cast(groups.deviation, s.dtype, xp)
+        log_w = {"abs": xp.abs(d), "signed": d, "squared": d * d}[args["weighting"]]
+        s = s + args["alpha"] * log_w
+    lse_rejected = logsumexp(s, mask=groups.rejected, xp=xp)
+    if g.valid is not None and native(xp) is None:
+        # A group with no valid response has two empty sets, -inf - -inf: NaN, which the
+        # where() below discards (with a zero gradient), but NumPy would warn about it.
+        lse_rejected = xp.where(xp.any(g.valid, axis=-1), lse_rejected, 0.0)
+    gap = lse_rejected - logsumexp(s, mask=groups.chosen, xp=xp)  # minus the margin
+    # -log(sigmoid(margin)) = softplus(gap). A degenerate group gets gap -inf, where the
+    # loss and its gradient are exactly +0.0; replacing it before the softplus keeps the
+    # NaN it had (-inf - -inf) out of every backward.
+    loss = softplus(xp.where(groups.counted, gap, -math.inf), xp=xp)
+    return nan_where_unchecked(loss, g), groups.counted
 
 
 def _log_softmax(x: Array, valid: Array, xp: ModuleType) -> Array:

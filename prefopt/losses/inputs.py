@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 from array_api_compat import device
 
 from prefopt import _checks
-from prefopt._ops import Array, get_namespace, log_sigmoid
+from prefopt._ops import Array, get_namespace, log_sigmoid, stop_gradient
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 WEIGHTINGS = ("abs", "signed", "squared", "none")
@@ -103,22 +103,37 @@ def pair_arrays(
     xp: ModuleType | None,
 ) -> tuple[ModuleType, Array, Array, Array | None, Array | None]:
     """Validate a pairwise batch; return the namespace and its four arrays in the compute dtype."""
-    xp = get_namespace(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp=xp)
+    xp = get_namespace(
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp=xp, fn=fn
+    )
     both_or_neither(
         fn, "ref_chosen_logps", ref_chosen_logps, "ref_rejected_logps", ref_rejected_logps
     )
-    arrays = {
-        "chosen_logps": chosen_logps,
-        "rejected_logps": rejected_logps,
-        "ref_chosen_logps": ref_chosen_logps,
-        "ref_rejected_logps": ref_rejected_logps,
-    }
-    _checks.same_shape(fn, "B", arrays)
-    for name, x in arrays.items():
-        if x is not None:
-            _checks.floating(fn, name, x, xp)
-    dtype = _checks.compute_dtype(xp, *arrays.values())
-    return (xp, *(_checks.cast(x, dtype, xp) for x in arrays.values()))
+    given = [chosen_logps, rejected_logps]
+    if ref_chosen_logps is not None:
+        given += [ref_chosen_logps, ref_rejected_logps]
+    first = given[0]
+    # The common case, one shape and one dtype, in a few comparisons (a hot path in eager
+    # PyTorch); anything else goes through the checks that name the argument.
+    if first.ndim != 1 or any(x.shape != first.shape or x.dtype != first.dtype for x in given):
+        names = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+        arrays = dict(
+            zip(names, (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps))
+        )
+        _checks.same_shape(fn, "B", arrays)
+        for name, x in arrays.items():
+            if x is not None:
+                _checks.floating(fn, name, x, xp)
+    else:
+        _checks.floating(fn, "chosen_logps", first, xp)
+    dtype = _checks.compute_dtype(xp, *given)
+    return (
+        xp,
+        _checks.cast(chosen_logps, dtype, xp),
+        _checks.cast(rejected_logps, dtype, xp),
+        _checks.cast(ref_chosen_logps, dtype, xp),
+        _checks.cast(ref_rejected_logps, dtype, xp),
+    )
 
 
 def both_or_neither(fn: str, name_a: str, a: Array | None, name_b: str, b: Array | None) -> None:
@@ -129,8 +144,10 @@ def both_or_neither(fn: str, name_a: str, a: Array | None, name_b: str, b: Array
 
 def f_transform(h: Array, f_divergence: str, f_alpha: float, xp: ModuleType) -> Array:
     r"""The f-divergence transform of log-ratios $h$ (TRL's ``f_divergence_type``)."""
-    # Exponents are clipped so that e^x, and the difference of two of them, stay finite.
-    limit = math.log(float(xp.finfo(h.dtype).max)) - 4.0
+    # Exponents are clipped at half the log of the dtype's largest number, less 2 (42.4 in
+    # float32, 352.9 in float64): e^x, the difference of two, and the square of that (IPO,
+    # SPPO) stay finite. Beyond it the transform is flat (gradient 0).
+    limit = 0.5 * math.log(float(xp.finfo(h.dtype).max)) - 2.0
     if f_divergence == "forward_kl":
         return 1.0 - xp.exp(xp.clip(-h, max=limit))
     if f_divergence == "js_divergence":
@@ -185,11 +202,14 @@ class Group(NamedTuple):
 
     xp: ModuleType
     scores: Array  # (B, n) s = beta * h, exactly 0 on padding
-    rewards: Array  # (B, n) rewards, 0 on padding; integer ratings in the compute dtype
+    rewards: Array  # (B, n) rewards as data (no gradient), 0 on padding, floating:
+    # integer ratings in the compute dtype, half precision in float32
     valid: Array | None  # (B, n) bool: the real responses; None: all are real
     total: Array  # (B, 1) sum of the valid rewards: non-finite exactly when one of them is
     checked: bool  # whether the rewards were checked to be finite
+    ratings: Array | None  # (B, n) integer rewards as given, 0 on padding; None for floats
     beta: float
+    chosen: Array | None = None  # (B, n) explicit chosen set (MPO), or None: the mean split
 
 
 def group_inputs(fn: str, args: Mapping[str, Any]) -> Group:
@@ -199,9 +219,12 @@ def group_inputs(fn: str, args: Mapping[str, Any]) -> Group:
         fn: The loss's name, for errors.
         args: Its arguments: ``logps``, ``ref_logps``, ``rewards``, optionally ``mask``,
             ``chosen`` and ``lengths``, ``beta``, ``check_values`` and ``xp``.
+
+    Groups of no response (n = 0) are one padding slot each: every group loss is then 0
+    for them, as for any group without a valid response.
     """
     check_options(fn, args)
-    check_values = args.get("check_values")
+    check_values, chosen = args.get("check_values"), args.get("chosen")
     xp, logps, ref_logps, rewards, mask, lengths = group_arrays(
         fn,
         args["logps"],
@@ -209,9 +232,13 @@ def group_inputs(fn: str, args: Mapping[str, Any]) -> Group:
         args["rewards"],
         args.get("mask"),
         args.get("lengths"),
-        args.get("chosen"),
+        chosen,
         args.get("xp"),
     )
+    if logps.shape[-1] == 0:  # no response at all: one padding slot, so no empty reduction
+        xp, logps, ref_logps, rewards, mask, lengths, chosen = _one_slot(
+            xp, logps, ref_logps, rewards, lengths, chosen
+        )
     if lengths is not None and ref_logps is not None:
         raise ValueError(
             f"{fn}: lengths normalise the reference-free variant only; "
@@ -228,7 +255,21 @@ def group_inputs(fn: str, args: Mapping[str, Any]) -> Group:
     if lengths is not None:
         h = h / (lengths if mask is None else xp.where(mask, lengths, 1.0))
     beta = float(args["beta"])
-    return Group(xp, beta * h, *group_rewards(fn, rewards, mask, xp, check_values), beta)
+    r = group_rewards(fn, rewards, mask, xp, check_values, h.dtype)
+    return Group(xp, beta * h, *r, beta, chosen)
+
+
+def _one_slot(xp, logps, ref_logps, rewards, lengths, chosen):
+    """A (B, 0) group batch as (B, 1) with the slot masked out."""
+
+    def slot(x, dtype=None):
+        if x is None:
+            return None
+        pad = xp.zeros((x.shape[0], 1), dtype=dtype or x.dtype, device=device(x))
+        return pad if dtype else xp.concat([x, pad], axis=-1)  # keeps the autograd graph
+
+    mask = slot(logps, xp.bool)
+    return xp, slot(logps), slot(ref_logps), slot(rewards), mask, slot(lengths), slot(chosen)
 
 
 def group_arrays(
@@ -244,9 +285,9 @@ def group_arrays(
     """Validate the shapes and dtypes of a group batch.
 
     Returns ``(xp, logps, ref_logps, rewards, mask, lengths)``: log-probs and lengths in the
-    compute dtype (see ``_checks.compute_dtype``), integer rewards cast to it.
+    compute dtype (see ``_checks.compute_dtype``), rewards as given.
     """
-    xp = get_namespace(logps, ref_logps, rewards, mask, chosen, lengths, xp=xp)
+    xp = get_namespace(logps, ref_logps, rewards, mask, chosen, lengths, xp=xp, fn=fn)
     _checks.same_shape(
         fn,
         "B, n",
@@ -270,8 +311,6 @@ def group_arrays(
     _checks.numeric(fn, "rewards", rewards, xp)
     dtype = _checks.compute_dtype(xp, logps, ref_logps)
     logps, ref_logps, lengths = (_checks.cast(x, dtype, xp) for x in (logps, ref_logps, lengths))
-    if not _checks.is_floating(rewards.dtype, xp):
-        rewards = xp.astype(rewards, dtype)  # integer ratings; floating rewards keep their dtype
     return xp, logps, ref_logps, rewards, mask, lengths
 
 
@@ -283,20 +322,38 @@ def valid_of(group: Group) -> Array:
 
 
 def group_rewards(
-    fn: str, rewards: Array, mask: Array | None, xp: ModuleType, check_values: bool | None
-) -> tuple[Array, Array | None, Array, bool]:
-    """``(rewards, mask, total, checked)`` of a ``Group``: padding 0, sums, value check."""
+    fn: str,
+    rewards: Array,
+    mask: Array | None,
+    xp: ModuleType,
+    check_values: bool | None,
+    dtype,
+) -> tuple[Array, Array | None, Array, bool, Array | None]:
+    """``(rewards, valid, total, checked, ratings)`` of a ``Group`` (see its fields).
+
+    Rewards are data: no gradient reaches them. Integer ratings are kept as given for an
+    exact mean split and cast to ``dtype`` for the arithmetic; half-precision rewards are
+    computed in float32 (``2**r`` or ``r / tau`` would overflow or round in float16).
+    """
+    ratings = None
+    if not _checks.is_floating(rewards.dtype, xp):
+        ratings = rewards if mask is None else xp.where(mask, rewards, xp.zeros_like(rewards))
+        rewards = xp.astype(rewards, dtype)
+    elif xp.finfo(rewards.dtype).bits < 32:
+        rewards = xp.astype(rewards, xp.float32)
+    rewards = stop_gradient(rewards, xp=xp)
     r = rewards if mask is None else xp.where(mask, rewards, 0.0)
     total = xp.sum(r, axis=-1, keepdims=True)
-    if not _checks.values_checked(rewards, xp, check_values):
-        return r, mask, total, False
-    bad = _checks.count_false(xp.isfinite(total), xp)
-    if bad:
+    if ratings is not None or not _checks.values_checked(rewards, xp, check_values):
+        return r, mask, total, ratings is not None, ratings
+    finite = _checks.all_finite(total, xp)
+    if finite is False:
+        bad = _checks.count_false(xp.isfinite(total), xp)
         raise ValueError(
             f"{fn}: rewards must be finite where mask is true; "
             f"got NaN or infinite rewards in {bad} group(s)"
         )
-    return r, mask, total, bad is not None
+    return r, mask, total, finite is True, ratings
 
 
 def nan_where_unchecked(loss: Array, group: Group) -> Array:
@@ -325,7 +382,7 @@ def unpaired_inputs(fn: str, args: Mapping[str, Any]) -> Unpaired:
     """Check an unpaired loss's arguments (``locals()`` at its first line); return ``Unpaired``."""
     check_options(fn, args)
     logps, ref_logps = args["logps"], args["ref_logps"]
-    xp = get_namespace(logps, ref_logps, args.get("desirable"), xp=args.get("xp"))
+    xp = get_namespace(logps, ref_logps, args.get("desirable"), xp=args.get("xp"), fn=fn)
     return Unpaired(xp, log_ratios(fn, logps, ref_logps, xp), float(args.get("beta", 1.0)))
 
 

@@ -6,7 +6,7 @@ import math
 from types import ModuleType
 
 from prefopt import _checks
-from prefopt._ops import Array, log_sigmoid, sigmoid
+from prefopt._ops import Array, log_sigmoid, sigmoid, softplus
 from prefopt.losses.inputs import F_DIVERGENCES, check_options, pair_arrays, pair_inputs
 
 __all__ = ["F_DIVERGENCES"]  # re-exported for the docs of f_divergence
@@ -14,9 +14,9 @@ __all__ = ["F_DIVERGENCES"]  # re-exported for the docs of f_divergence
 
 def smoothed_sigmoid_loss(z: Array, label_smoothing: float, xp: ModuleType) -> Array:
     r"""$-(1-\varepsilon)\log\sigma(z) - \varepsilon\log\sigma(-z)$, the cDPO loss of a margin."""
-    loss = 0.0 - log_sigmoid(z, xp=xp)  # +0.0, never -0.0, for a saturated margin
+    loss = softplus(-z, xp=xp)  # -log(sigmoid(z)): +0.0, never -0.0, for a saturated margin
     if label_smoothing:
-        loss = (1.0 - label_smoothing) * loss - label_smoothing * log_sigmoid(-z, xp=xp)
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * softplus(z, xp=xp)
     return loss
 
 

@@ -113,6 +113,8 @@ def kto_loss(
         )
     else:
         kl = stop_gradient(_checks.cast(kl, h.dtype, xp), xp=xp)
+        if _checks.values_checked(kl, xp, None) and not bool(kl >= 0.0):
+            raise ValueError(f"{fn}: kl must be >= 0 (kto_kl clamps it at 0); got {float(kl)}")
     z = u.beta * (h - kl)
     # 1 - sigma(x) = sigma(-x), without the cancellation
     return xp.where(
