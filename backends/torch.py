@@ -24,7 +24,7 @@ from prefopt.losses.registry import POSITIONAL, spec
 warnings.filterwarnings(
     "ignore",
     message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped function "
-    r"at '_(checks|ops)\.py",
+    r"at '(_checks|_ops|group)\.py",
     category=UserWarning,
 )
 
@@ -109,6 +109,8 @@ class PreferenceLoss(torch.nn.Module):
 
     def reduce(self, loss, rewards=None, mask=None, chosen=None) -> torch.Tensor:
         """Reduce per-example losses as ``reduction`` says (see the class docstring)."""
+        if self.reduction == "mean" and self.spec.counts == "all" and loss.shape[0]:
+            return loss.mean()  # the common case, natively: prefopt's reduce() gives the same
         kept = None
         if self.reduction == "mean" and self.spec.counts != "all":
             kept = counted(self.spec.counts, rewards, mask, chosen, xp=torch_xp)

@@ -44,10 +44,8 @@ _OPTION_CHECKS = {
 
 def check_options(fn: str, args: Mapping[str, Any]) -> None:
     """Check every option of ``args`` that has a common rule (raises naming it)."""
-    for name, value in args.items():
-        rule = _OPTION_CHECKS.get(name)
-        if rule is not None:
-            rule(fn, name, value)
+    for name in _OPTION_CHECKS.keys() & args.keys():
+        _OPTION_CHECKS[name](fn, name, args[name])
 
 
 # ---- pairs: (B,) chosen and rejected ------------------------------------------------------
@@ -88,9 +86,11 @@ def pair_inputs(fn: str, args: Mapping[str, Any], *, lengths: str = "optional") 
     f_divergence = args.get("f_divergence", "reverse_kl")
     if f_divergence != "reverse_kl":
         hw, hl = (f_transform(h, f_divergence, float(args["f_alpha"]), xp) for h in (hw, hl))
-    lw, ll = pair_lengths(
-        fn, args.get("chosen_lengths"), args.get("rejected_lengths"), hw, xp, lengths
-    )
+    lw = ll = None
+    if "chosen_lengths" in args:
+        lw, ll = pair_lengths(
+            fn, args["chosen_lengths"], args.get("rejected_lengths"), hw, xp, lengths
+        )
     return Pair(xp, hw, hl, lw, ll, float(args["beta"]))
 
 
