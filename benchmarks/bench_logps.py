@@ -7,7 +7,7 @@ chunked ``fused_linear_logps``, each measured in its own process, in the same ru
     python benchmarks/bench_logps.py --framework jax  # the JAX paths
     python benchmarks/bench_logps.py --device cuda --dtype bfloat16 --vocab 128256
 
-Targets (issue 4): peak memory at most 30% of the naive path's, time at most 1.3x.
+Targets: peak memory at most 30% of the naive path's, time at most 1.3x.
 Memory on CPU is the process's peak resident set (``ru_maxrss``), reported whole and as
 the growth over the resident set once the inputs exist; on CUDA it is
 ``torch.cuda.max_memory_allocated``. Time is the best of ``--repeats`` forward + backward

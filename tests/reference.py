@@ -1,7 +1,7 @@
 """Independent float64 references: plain Python loops over lists with ``math``.
 
 Nothing here imports prefopt. Each function takes nested lists (or NumPy arrays) and returns
-a list of per-example losses, following the formulas of LOSSES.md literally.
+a list of per-example losses, following the formulas of the loss pages in docs/losses/ literally.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def mpo(
                 "none": 0.0,
             }[weighting]
             t[i] = beta * h + log_w
-        # LOSSES.md's form: logsumexp over all valid minus logsumexp over the chosen.
+        # docs/losses/mpo.md's form: logsumexp over all valid minus logsumexp over the chosen.
         out.append(_lse([t[i] for i in valid]) - _lse([t[i] for i in pos]))
     return out
 

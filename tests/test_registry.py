@@ -3,7 +3,7 @@ import pytest
 
 import prefopt
 
-# The contract's names (LOSSES.md), by kind.
+# The names of docs/choosing.md, by kind.
 CONTRACT = {
     "pairwise": [
         "sigmoid", "dpo", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "bco_pair",
