@@ -277,52 +277,56 @@ def run(config: Config) -> list[dict[str, Any]]:
     progress = _progress(config, start)
     model.train()
     stop = _StopOnInterrupt()
-    for step in range(start, config.steps):
-        record: dict[str, Any] = {"step": step + 1}
-        if rows is None:
-            if step == 0:
-                record["heldout_reward_start"] = evaluate(model, tokenizer, heldout, config, 0)
-            prompts = [picker.choice(train_prompts) for _ in range(config.prompts)]
-            groups = sample(model, tokenizer, prompts, config.responses, config.response_tokens)
-            scored = []
-            for prompt, (prompt_ids, responses) in zip(prompts, groups):
-                texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-                rewards = [copy_task_reward(prompt, t, config.response_tokens) for t in texts]
-                scored.append((prompt_ids, responses, rewards))
-            batch = {
-                k: torch.from_numpy(v)
-                for k, v in collate_ids(scored, tokenizer.pad_token_id).items()
-            }
-            record["reward"] = float(batch["rewards"][batch["mask"]].mean())
-        else:
-            batch = collator([picker.choice(rows) for _ in range(config.prompts)])
-        loss, metrics, _ = loss_and_metrics(
-            model, batch, ref_model=reference, loss=config.loss, pairs=config.pairs, **options
-        )
-        if not math.isfinite(loss.item()):  # never take a step with it, never save it
-            raise UserError(
-                f"step {step + 1}: the loss is {loss.item()}; the last good checkpoint is in {out}/"
+    try:
+        for step in range(start, config.steps):
+            record: dict[str, Any] = {"step": step + 1}
+            if rows is None:
+                if step == 0:
+                    record["heldout_reward_start"] = evaluate(model, tokenizer, heldout, config, 0)
+                prompts = [picker.choice(train_prompts) for _ in range(config.prompts)]
+                groups = sample(model, tokenizer, prompts, config.responses, config.response_tokens)
+                scored = []
+                for prompt, (prompt_ids, responses) in zip(prompts, groups):
+                    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+                    rewards = [copy_task_reward(prompt, t, config.response_tokens) for t in texts]
+                    scored.append((prompt_ids, responses, rewards))
+                batch = {
+                    k: torch.from_numpy(v)
+                    for k, v in collate_ids(scored, tokenizer.pad_token_id).items()
+                }
+                record["reward"] = float(batch["rewards"][batch["mask"]].mean())
+            else:
+                batch = collator([picker.choice(rows) for _ in range(config.prompts)])
+            loss, metrics, _ = loss_and_metrics(
+                model, batch, ref_model=reference, loss=config.loss, pairs=config.pairs, **options
             )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        record["loss"] = loss.item()
-        record.update({k: float(v) for k, v in metrics.items()})
-        last = step + 1 == config.steps
-        if rows is None and ((step + 1) % config.eval_every == 0 or last):
-            record["heldout_reward"] = evaluate(model, tokenizer, heldout, config, step + 1)
-        records.append(record)
-        progress.update(record)
-        if (step + 1) % config.save_every == 0 or last or stop.asked:
-            _save(out, model, reference, optimizer, picker, records, step + 1, config, tokenizer)
-        if stop.asked and not last:
-            progress.close()
-            stop.restore()
-            raise Interrupted(
-                f"interrupted after step {step + 1}; checkpoint saved in {out}/ "
-                "(continue with --resume)"
-            )
-    stop.restore()
+            if not math.isfinite(loss.item()):  # never take a step with it, never save it
+                raise UserError(
+                    f"step {step + 1}: the loss is {loss.item()}; "
+                    f"the last good checkpoint is in {out}/"
+                )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            record["loss"] = loss.item()
+            record.update({k: float(v) for k, v in metrics.items()})
+            last = step + 1 == config.steps
+            if rows is None and ((step + 1) % config.eval_every == 0 or last):
+                record["heldout_reward"] = evaluate(model, tokenizer, heldout, config, step + 1)
+            records.append(record)
+            progress.update(record)
+            if (step + 1) % config.save_every == 0 or last or stop.asked:
+                _save(
+                    out, model, reference, optimizer, picker, records, step + 1, config, tokenizer
+                )
+            if stop.asked and not last:
+                progress.close()
+                raise Interrupted(
+                    f"interrupted after step {step + 1}; checkpoint saved in {out}/ "
+                    "(continue with --resume)"
+                )
+    finally:  # Ctrl-C behaves as usual again, however the loop ended
+        stop.restore()
     progress.close()
     _write_outputs(out, records)
     return records
