@@ -118,8 +118,10 @@ class PreferenceLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         """The options, as ``print(module)`` shows them."""
-        options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-        return f"reduction={self.reduction!r}, {options}" if options else f"loss={self.loss!r}"
+        parts = [f"reduction={self.reduction!r}"]
+        if type(self) is PreferenceLoss:  # a class of its own already names its loss
+            parts.insert(0, f"loss={self.loss!r}")
+        return ", ".join(parts + [f"{k}={v!r}" for k, v in self.options.items()])
 
 
 class DPOLoss(PreferenceLoss):
