@@ -156,10 +156,13 @@ def check(config: Config) -> dict[str, Any]:
     if not 0 < config.lr < math.inf:
         raise UserError(f"--lr must be a finite number > 0; got {config.lr}")
     given = {k: getattr(config, k) for k in ("beta", "alpha") if getattr(config, k) is not None}
-    for key in sorted(set(given) & set(config.extra)):
-        raise UserError(f"--{key} and --option {key}=... both set {key}; give one")
+    twice = sorted(set(given) & set(config.extra))
+    if twice:
+        raise UserError(f"--{twice[0]} and --option {twice[0]}=... both set {twice[0]}; give one")
     given.update(config.extra)
-    for key in sorted(set(given) - set(found.defaults)):
+    unknown = sorted(set(given) - set(found.defaults))
+    if unknown:
+        key = unknown[0]
         flag = f"--{key}" if key in ("beta", "alpha") else f"--option {key}"
         raise UserError(
             f"{flag}: --loss {config.loss} takes no option {key!r}; "

@@ -12,7 +12,7 @@ from array_api_compat import device
 from prefopt import _checks
 from prefopt._ops import Array, get_namespace
 from prefopt.losses.group import mpo_split, split
-from prefopt.losses.inputs import Group, group_arrays, group_rewards, nan_where_unchecked
+from prefopt.losses.inputs import group_arrays, nan_where_unchecked, reward_group
 from prefopt.losses.registry import INPUTS, POSITIONAL, LossSpec, spec
 
 REDUCTIONS = ("mean", "batchmean", "sum", "none")
@@ -190,7 +190,7 @@ def group_pairwise_loss(
     )
     if logps.shape[-1] == 0:  # no response: no pair, loss 0
         return xp.zeros(logps.shape[:1], dtype=logps.dtype, device=device(logps))
-    group = Group(xp, None, *group_rewards(fn, rewards, mask, xp, check_values, logps.dtype), 1.0)
+    group = reward_group(fn, rewards, mask, xp, check_values, logps.dtype)
     groups = split(group, chosen)
     valid = groups.chosen | groups.rejected
     # Padding may hold NaN: replace it before any arithmetic (its pairs are dropped below).

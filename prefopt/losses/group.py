@@ -22,8 +22,8 @@ from prefopt.losses.inputs import (
     WEIGHTINGS,
     Group,
     group_inputs,
-    group_rewards,
     nan_where_unchecked,
+    reward_group,
     valid_of,
 )
 
@@ -57,8 +57,11 @@ def split(group: Group, chosen: Array | None = None) -> Split:
     deviation = r - group.total / count
     if chosen is None and group.ratings is not None:
         q = group.ratings
-        whole = r.shape[-1] if valid is None else xp.sum(xp.astype(valid, q.dtype), axis=-1)
-        n = whole if valid is None else xp.expand_dims(whole, axis=-1)
+        n = (
+            r.shape[-1]
+            if valid is None
+            else xp.sum(xp.astype(valid, q.dtype), axis=-1, keepdims=True)
+        )
         chosen = q * n > xp.sum(q, axis=-1, keepdims=True)
     elif chosen is None:
         scale = xp.max(xp.abs(r), axis=-1, keepdims=True)
@@ -127,7 +130,7 @@ def mpo_split(
     if rewards.shape[-1] == 0:  # no response: empty sets, no group counts
         empty = xp.zeros(rewards.shape, dtype=xp.bool, device=device(rewards))
         return empty, empty, xp.zeros(rewards.shape[:1], dtype=xp.bool, device=device(rewards))
-    group = Group(xp, None, *group_rewards(fn, rewards, mask, xp, check_values, xp.float32), 1.0)
+    group = reward_group(fn, rewards, mask, xp, check_values, xp.float32)
     groups = split(group, chosen)
     return groups.chosen, groups.rejected, groups.counted
 

@@ -321,6 +321,13 @@ def valid_of(group: Group) -> Array:
     return group.xp.ones(group.scores.shape, dtype=group.xp.bool, device=device(group.scores))
 
 
+def reward_group(
+    fn: str, rewards: Array, mask: Array | None, xp: ModuleType, check_values, dtype
+) -> Group:
+    """A ``Group`` of rewards only (no scores): what the mean split needs."""
+    return Group(xp, None, *group_rewards(fn, rewards, mask, xp, check_values, dtype), 1.0)
+
+
 def group_rewards(
     fn: str,
     rewards: Array,
