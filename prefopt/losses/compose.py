@@ -271,8 +271,10 @@ def batch_loss(
     ``None`` (the reference-free, length-normalised variant). Pairwise and reference-free
     losses run through [`group_pairwise_loss`][prefopt.group_pairwise_loss] (pair rows,
     groups of two with rewards 1 and 0, give the plain pairwise loss), the reference-free
-    ones without ``ref_logps``, and those that take token counts with ``lengths``. This is
-    what the trainer integrations and ``prefopt train`` minimise.
+    ones without ``ref_logps``, and those that take token counts with ``lengths``. Losses
+    that sort across the batch (``aot``, ``aot_unpaired``) run on a batch of pairs only
+    (n = 2, the higher reward chosen). This is what the trainer integrations and
+    ``prefopt train`` minimise.
 
     Args:
         loss: A registered name (``"mpo"``, ``"sigmoid"``...). ``"kto"`` is refused: it
@@ -294,8 +296,9 @@ def batch_loss(
         A 0-d array ((B,) with ``reduction="none"``).
 
     Raises:
-        ValueError: For an unknown or unpaired loss, a loss that sorts across the batch,
-            missing lengths that the loss needs, or a bad reduction.
+        ValueError: For an unknown or unpaired loss, a loss that sorts across the batch on
+            groups (or on tied pairs), missing lengths that the loss needs, or a bad
+            reduction.
         TypeError: For an option the loss does not take.
 
     References:
@@ -327,6 +330,9 @@ def batch_loss(
             logps, ref_logps, rewards, mask=mask, lengths=lengths, xp=xp, **options
         )
         counts = found.counts
+    elif found.couples_batch:
+        per_group = _sorted_pairs(found, logps, ref_logps, rewards, mask, xp, options)
+        counts = "all"
     else:
         if found.lengths == "none":
             lengths = None
@@ -347,6 +353,38 @@ def batch_loss(
     if reduction == "mean":
         return reduce(per_group, reduction, counted(counts, rewards, mask, xp=xp), xp=xp)
     return reduce(per_group, reduction, None, xp=xp)
+
+
+def _sorted_pairs(found, logps, ref_logps, rewards, mask, xp, options) -> Array:
+    """A batch-sorting pairwise loss (``aot``) on a batch of pairs: (B,) losses.
+
+    Every row must be a pair (n = 2, both real) with two different rewards; the higher is
+    chosen. Such a loss compares pairs across the batch, so it never runs on groups.
+    """
+    fn = "batch_loss"
+    n = logps.shape[-1]
+    bad = None if mask is None else _checks.count_false(xp.all(mask, axis=-1), xp)
+    if n != 2 or bad:
+        raise ValueError(
+            f"{fn}: {found.name!r} sorts across the batch and runs on pairs only; got groups "
+            f"of {n} responses" + (f" ({bad} rows with padding)" if bad else "")
+        )
+    ties = _checks.count_false(rewards[..., 0] != rewards[..., 1], xp)
+    if ties:
+        raise ValueError(f"{fn}: {found.name!r} needs a chosen response; {ties} pairs tie")
+    first = rewards[..., 0] > rewards[..., 1]
+
+    def pick(x, winner):
+        return None if x is None else xp.where(first == winner, x[..., 0], x[..., 1])
+
+    return found.fn(
+        pick(logps, True),
+        pick(logps, False),
+        pick(ref_logps, True),
+        pick(ref_logps, False),
+        xp=xp,
+        **options,
+    )
 
 
 def counted(
