@@ -34,7 +34,8 @@ def pair_metrics(
       $\operatorname{mean}(\rho_l)$;
     - ``rewards/margins``: $\operatorname{mean}(\rho_w - \rho_l)$;
     - ``rewards/accuracies``: the share of pairs with $\rho_w > \rho_l$ (ties count as
-      wrong, as in TRL).
+      wrong, as in TRL);
+    - ``logps/chosen``, ``logps/rejected``: the mean policy log-probs.
 
     Args:
         chosen_logps: (B,) summed log-probabilities of the chosen responses.
@@ -62,6 +63,10 @@ def pair_metrics(
         "rewards/rejected": masked_mean(rl, xp=xp),
         "rewards/margins": masked_mean(rw - rl, xp=xp),
         "rewards/accuracies": masked_mean(xp.astype(rw > rl, rw.dtype), xp=xp),
+        "logps/chosen": masked_mean(stop_gradient(xp.astype(chosen_logps, rw.dtype), xp=xp), xp=xp),
+        "logps/rejected": masked_mean(
+            stop_gradient(xp.astype(rejected_logps, rw.dtype), xp=xp), xp=xp
+        ),
     }
 
 
@@ -87,7 +92,10 @@ def group_metrics(
     - ``rewards/accuracies``: the share of pairs $(i \in Y^+, j \in Y^-)$ with
       $r_i \ne r_j$ whose implicit rewards are ordered like their rewards, pooled over the
       batch;
+    - ``logps/chosen``, ``logps/rejected``: the same means of the policy log-probs;
     - ``groups/degenerate``: the number of groups left out (empty $Y^+$ or $Y^-$).
+
+    On pairs these are TRL's ``DPOTrainer`` metrics of the same names.
 
     Args:
         logps: (B, n) summed log-probabilities of each response under the policy.
@@ -126,10 +134,17 @@ def group_metrics(
     pairs = ci & nj & (ri != rj)
     right = pairs & ((si > sj) == (ri > rj))
     count = xp.sum(xp.astype(pairs, s.dtype))
+    lp = stop_gradient(xp.astype(logps, s.dtype), xp=xp)
+
+    def over_groups(x: Array, selected: Array) -> Array:
+        return masked_mean(masked_mean(x, selected, axis=-1, xp=xp), counted, xp=xp)
+
     return {
         "rewards/chosen": mean_chosen,
         "rewards/rejected": mean_rejected,
         "rewards/margins": mean_chosen - mean_rejected,
         "rewards/accuracies": xp.sum(xp.astype(right, s.dtype)) / xp.clip(count, min=1.0),
+        "logps/chosen": over_groups(lp, groups.chosen),
+        "logps/rejected": over_groups(lp, groups.rejected),
         "groups/degenerate": xp.sum(xp.astype(~counted, s.dtype)),
     }

@@ -208,6 +208,8 @@ def test_pair_metrics(backend, rng):
         "rewards/rejected": hl.mean(),
         "rewards/margins": (hw - hl).mean(),
         "rewards/accuracies": np.mean([w > r for w, r in zip(hw, hl)]),
+        "logps/chosen": cw.mean(),
+        "logps/rejected": cl.mean(),
     }
     assert set(m) == set(expected)
     for k, v in expected.items():
@@ -225,6 +227,7 @@ def test_group_metrics(backend, rng):
         beta=0.5,
     )
     chosen_means, rejected_means, right, total, skipped = [], [], 0, 0, 0
+    chosen_logps, rejected_logps = [], []
     for b in range(len(MASK)):
         valid = [i for i in range(MASK.shape[1]) if MASK[b][i]]
         mean = sum(rewards[b][i] for i in valid) / max(len(valid), 1)
@@ -236,6 +239,8 @@ def test_group_metrics(backend, rng):
         s = {i: 0.5 * (logps[b][i] - ref[b][i]) for i in valid}
         chosen_means.append(np.mean([s[i] for i in pos]))
         rejected_means.append(np.mean([s[i] for i in neg]))
+        chosen_logps.append(np.mean([logps[b][i] for i in pos]))
+        rejected_logps.append(np.mean([logps[b][i] for i in neg]))
         for i in pos:
             for j in neg:
                 total += 1
@@ -245,6 +250,8 @@ def test_group_metrics(backend, rng):
         "rewards/rejected": np.mean(rejected_means),
         "rewards/margins": np.mean(chosen_means) - np.mean(rejected_means),
         "rewards/accuracies": right / total,
+        "logps/chosen": np.mean(chosen_logps),
+        "logps/rejected": np.mean(rejected_logps),
         "groups/degenerate": skipped,
     }
     assert set(m) == set(expected)
@@ -263,3 +270,24 @@ def test_metrics_carry_no_gradient(rng):
     cw, *rest = (jax.numpy.asarray(a) for a in pairs(rng))
     grad = jax.grad(lambda cw: sum(pair_metrics(cw, *rest).values()))(cw)
     assert np.all(np.asarray(grad) == 0.0)
+
+
+@pytest.mark.parametrize("loss", ["aot", "aot_unpaired"])
+def test_batch_loss_runs_batch_sorting_losses_on_pairs_only(backend, rng, loss):
+    # A batch of pairs (chosen first or second): the pairwise loss on the sorted batch.
+    cw, cl, rw, rl = pairs(rng)
+    first = np.array([True, False, True, True, False])
+    logps = np.stack([np.where(first, cw, cl), np.where(first, cl, cw)], axis=1)
+    ref = np.stack([np.where(first, rw, rl), np.where(first, rl, rw)], axis=1)
+    rewards = np.stack([first * 1.0, ~first * 1.0], axis=1)
+    got = prefopt.batch_loss(
+        loss, *[backend.asarray(a) for a in (logps, ref, rewards)], beta=0.3, label_smoothing=0.1
+    )
+    expected = np.mean(reference.pairwise(loss, cw, cl, rw, rl, beta=0.3, label_smoothing=0.1))
+    assert_close(backend.to_numpy(got), expected)
+    groups = np.zeros((5, 3))
+    with pytest.raises(ValueError, match=f"'{loss}' sorts across the batch and runs on pairs"):
+        prefopt.batch_loss(loss, *[backend.asarray(groups)] * 3)
+    tied = np.ones((5, 2))
+    with pytest.raises(ValueError, match=f"'{loss}' needs a chosen response; 5 pairs tie"):
+        prefopt.batch_loss(loss, *[backend.asarray(tied)] * 3)
