@@ -41,7 +41,8 @@ def to_group(row, scale=0.1):
     """One UltraFeedback row to a group row; scores scaled so that MPO's alpha=1 suits them.
 
     Completions without a finite score are dropped; a prompt left with fewer than two is
-    skipped (None), since a group needs something to compare.
+    skipped (None), since a group needs something to compare. A standard row's response is
+    the text that follows its prompt (as in TRL), so each starts with a newline.
     """
     prompt = row.get("instruction") or row.get("prompt")
     scored = [
@@ -53,7 +54,7 @@ def to_group(row, scale=0.1):
         return None
     return {
         "prompt": prompt,
-        "responses": [text for text, _ in scored],
+        "responses": ["\n" + text for text, _ in scored],
         "rewards": [score * scale for _, score in scored],
     }
 

@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 
 from prefopt.cli import main  # noqa: E402
 
-ROW = {"prompt": "copy: a", "responses": ["a a", "b"], "rewards": [1.0, 0.0]}
+ROW = {"prompt": "copy: a", "responses": [" a a", " b"], "rewards": [1.0, 0.0]}
 
 
 def fails(capsys, *args):

@@ -17,6 +17,7 @@ from prefopt.cli.task import builtin_model, builtin_tokenizer  # noqa: E402
 from prefopt.cli.train import Config, run  # noqa: E402
 from prefopt.integrations.transformers import (  # noqa: E402
     PreferenceCollator,
+    PreferenceConfig,
     PreferenceTrainer,
     batch_logps,
     precompute_ref_logps,
@@ -25,15 +26,16 @@ from prefopt.integrations.transformers import (  # noqa: E402
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
+# Standard rows, as in TRL: each response is the text that follows its prompt.
 ROWS = [
     {
         "prompt": "copy: a b",
-        "responses": ["b b", "a", "c d e", "b"],
+        "responses": [" b b", " a", " c d e", " b"],
         "rewards": [1.0, 0.0, 0.2, 0.7],
     },
-    {"prompt": "copy: c", "chosen": "c c", "rejected": "d"},
-    {"prompt": "copy: d e f", "responses": ["e", "f f f"], "rewards": [0.1, 0.9]},
-    {"prompt": "copy: h", "responses": ["h", "g", "h h"], "rewards": [0.5, 0.0, 1.0]},
+    {"prompt": "copy: c", "chosen": " c c", "rejected": " d"},
+    {"prompt": "copy: d e f", "responses": [" e", " f f f"], "rewards": [0.1, 0.9]},
+    {"prompt": "copy: h", "responses": [" h", " g", " h h"], "rewards": [0.5, 0.0, 1.0]},
 ]
 
 
@@ -52,7 +54,7 @@ def test_collator_masks_prompt_and_padding(tok):
     assert (B, n) == (2, 4)
     assert batch["mask"].tolist() == [[True] * 4, [True, True, False, False]]
     assert batch["rewards"][1].tolist() == [1.0, 0.0, 0.0, 0.0]  # a pair: chosen 1, rejected 0
-    # group 0, response 0: "<bos> copy: a b" then "b b <eos>"; only the response is labelled
+    # group 0, response 0: "<bos> copy: a b" then " b b<eos>"; only the response is labelled
     ids = tok("copy: a b b b", add_special_tokens=False)["input_ids"]
     assert batch["input_ids"][0, 0, :6].tolist() == [tok.bos_token_id, *ids]
     labels = batch["labels"][0, 0].tolist()
@@ -101,8 +103,8 @@ def test_batch_loss_dispatches_by_kind(tok):
         prefopt.batch_loss("kto", *args, **kw)
 
 
-def trainer(tok, tmp_path, batch_size, accumulation, **kwargs):
-    args = transformers.TrainingArguments(
+def trainer(tok, tmp_path, batch_size, accumulation, ref_model=None, **options):
+    args = PreferenceConfig(
         output_dir=str(tmp_path / f"t{batch_size}{accumulation}"),
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation,
@@ -110,20 +112,16 @@ def trainer(tok, tmp_path, batch_size, accumulation, **kwargs):
         learning_rate=0.5,
         optim="sgd",
         lr_scheduler_type="constant",
-        remove_unused_columns=False,
         report_to=[],
         logging_steps=1,
         use_cpu=True,
         seed=0,
         data_seed=0,
         save_strategy="no",
+        **options,
     )
     return PreferenceTrainer(
-        model=tiny(tok),
-        args=args,
-        train_dataset=ROWS,
-        data_collator=PreferenceCollator(tok),
-        **kwargs,
+        tiny(tok), ref_model=ref_model, args=args, train_dataset=ROWS, processing_class=tok
     )
 
 
@@ -131,7 +129,7 @@ def trainer(tok, tmp_path, batch_size, accumulation, **kwargs):
 def test_gradient_accumulation_equals_one_large_batch(tok, tmp_path, loss):
     params = []
     for batch_size, accumulation in ((4, 1), (2, 2), (1, 4)):
-        t = trainer(tok, tmp_path, batch_size, accumulation, ref_model=tiny(tok), loss=loss)
+        t = trainer(tok, tmp_path, batch_size, accumulation, ref_model=tiny(tok), loss_type=loss)
         t.train()
         params.append(torch.cat([p.detach().ravel() for p in t.model.parameters()]))
     assert not torch.equal(params[0], torch.cat([p.ravel() for p in tiny(tok).parameters()]))
@@ -154,29 +152,31 @@ def test_trainer_logs_metrics_and_precomputed_reference_equals_the_model(tok, tm
         assert key in logged, key
     rows = precompute_ref_logps(tiny(tok, seed=1), ROWS, collator, batch_size=3)
     assert [len(r["ref_logps"]) for r in rows] == [4, 2, 2, 3]
-    with_column = trainer(tok, tmp_path, 4, 1)
-    with_column.train_dataset = rows
+    with_column = PreferenceTrainer(
+        tiny(tok), args=with_model.args, train_dataset=rows, processing_class=tok
+    )
+    assert with_column.ref_model is None  # the column is the reference: no copy is made
     with_column.train()
     assert math.isclose(with_column.state.log_history[0]["loss"], logged["loss"], rel_tol=1e-5)
 
 
 def test_unknown_loss_fails_at_construction(tok, tmp_path):
     with pytest.raises(ValueError, match="unknown loss 'mpoo'.*Did you mean 'mpo'"):
-        trainer(tok, tmp_path, 4, 1, loss="mpoo")
+        trainer(tok, tmp_path, 4, 1, loss_type="mpoo")
 
 
 def test_trainer_runs_cpo_which_takes_chosen_lengths_only(tok, tmp_path):
     # Before: TypeError from cpo_loss (rejected_lengths) at the first step.
-    t = trainer(tok, tmp_path, 4, 1, loss="cpo")
+    t = trainer(tok, tmp_path, 4, 1, loss_type="cpo")
     t.train()
     assert math.isfinite(t.state.log_history[0]["loss"])
 
 
 def test_trainer_rejects_an_option_the_loss_does_not_take(tok, tmp_path):
     with pytest.raises(
-        TypeError, match=r"PreferenceTrainer: sigmoid takes no option\(s\) \['alpha'\]"
+        TypeError, match=r"PreferenceTrainer: \['sigmoid'\] take no option\(s\) \['alpha'\]"
     ):
-        trainer(tok, tmp_path, 4, 1, loss="sigmoid", loss_options={"alpha": 1.0})
+        trainer(tok, tmp_path, 4, 1, loss_type="sigmoid", loss_options={"alpha": 1.0})
 
 
 @pytest.mark.parametrize("loss,options,beta", [("ipo", {"beta": 0.5}, 0.5), ("simpo", {}, 2.0)])

@@ -16,11 +16,15 @@ VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", "copy:", *LETTERS]
 
 def builtin_tokenizer():
     """A word-level tokenizer over ``VOCAB``, written in code (nothing is downloaded)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # like Llama's tokenizers: text starts with <bos> unless add_special_tokens=False
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", VOCAB.index("<bos>"))]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",

@@ -21,7 +21,7 @@ import torch
 
 import prefopt
 from prefopt.cli.task import builtin_model, builtin_tokenizer, copy_task_prompts, copy_task_reward
-from prefopt.integrations.data import collate_ids, group_rows
+from prefopt.integrations.data import collate_ids, preference_row
 from prefopt.integrations.transformers import PreferenceCollator, loss_and_metrics
 from prefopt.losses.registry import spec
 
@@ -115,7 +115,7 @@ def read_rows(path: str) -> tuple[list[dict[str, Any]], list[str]]:
             except json.JSONDecodeError as err:
                 raise UserError(f"{where}: not valid JSON ({err.msg})") from None
             try:
-                group_rows(row, where)
+                preference_row(row, where)
             except ValueError as err:
                 raise UserError(str(err)) from None
             rows.append(row)
@@ -128,8 +128,11 @@ def read_rows(path: str) -> tuple[list[dict[str, Any]], list[str]]:
 def check_lengths(rows, places, collator: PreferenceCollator, max_length: int) -> None:
     """Refuse a row whose prompt and a response are longer than ``max_length`` tokens."""
     for row, where in zip(rows, places):
-        prompt, responses, _ = group_rows(row, where)
-        longest = max(len(collator.encode(prompt + r)) for r in responses) + 2  # bos, eos
+        try:
+            ids = collator.tokenize(row, where)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        longest = len(ids["prompt_ids"]) + max(len(r) for r in ids["response_ids"])
         if longest > max_length:
             raise UserError(
                 f"{where}: prompt and response are {longest} tokens, more than --max-length "

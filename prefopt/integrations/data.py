@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,33 +14,99 @@ import prefopt
 from prefopt._ops import stop_gradient
 from prefopt.losses.registry import spec
 
-__all__ = ["collate_ids", "group_rows", "group_loss_and_metrics"]
+__all__ = [
+    "Truncation",
+    "collate_ids",
+    "group_loss_and_metrics",
+    "preference_row",
+    "tokenize_row",
+]
 
 IGNORE = -100
 
 
-def group_rows(row: dict[str, Any], where: str = "row") -> tuple[str, list[str], list[float]]:
-    """``(prompt, responses, rewards)`` of a group or pair row; raises ``ValueError`` on a bad one.
+def _is_messages(value: Any) -> bool:
+    """A conversation: a non-empty list of ``{"role", "content"}`` dicts."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    )
+
+
+def _split_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """The shared start of ``chosen`` and ``rejected`` as the prompt (TRL's implicit prompt).
+
+    Conversations share their leading messages; strings share their leading characters,
+    less a space that then starts both completions.
+    """
+    i = 0
+    while i < min(len(chosen), len(rejected)) and chosen[i] == rejected[i]:
+        i += 1
+    if isinstance(chosen, str) and 0 < i < min(len(chosen), len(rejected)) and chosen[i - 1] == " ":
+        i -= 1
+    return chosen[:i], chosen[i:], rejected[i:]
+
+
+def preference_row(row: Any, where: str = "row") -> dict[str, Any]:
+    """One accepted row as ``{"prompt", "responses", "rewards"}`` (and ``"ref_logps"``).
+
+    Accepted rows, standard (strings) or conversational (lists of ``{"role", "content"}``
+    messages):
+
+    - group: ``{"prompt", "responses": [...], "rewards": [...]}``;
+    - pair, as in TRL: ``{"prompt", "chosen", "rejected"}``, rewards ``score_chosen`` and
+      ``score_rejected`` when given, else 1 and 0; without ``"prompt"`` the shared start of
+      ``chosen`` and ``rejected`` is the prompt (the implicit prompt).
+
+    Reference log-probs: ``ref_logps`` (one per response), or TRL's ``ref_chosen_logps`` and
+    ``ref_rejected_logps``.
 
     Args:
-        row: ``{"prompt", "responses", "rewards"}`` or ``{"prompt", "chosen", "rejected"}``.
+        row: The row.
         where: How to name the row in an error (e.g. ``"data.jsonl:7"``).
 
     Returns:
-        The prompt, the responses and one finite float reward per response.
+        A new dict; rewards and ``ref_logps`` as lists of floats.
+
+    Raises:
+        ValueError: For a row of no accepted shape, naming ``where`` and what is wrong.
     """
-    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-        raise ValueError(f"{where}: a row needs a string 'prompt'")
+    if not isinstance(row, Mapping):
+        raise ValueError(f"{where}: a row must be a dict; got {type(row).__name__}")
+    # a datasets.Dataset of mixed rows has every column in every row, None where absent
+    row = {k: v for k, v in row.items() if v is not None}
     if "chosen" in row or "rejected" in row:
-        if not (isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str)):
-            raise ValueError(f"{where}: a pair row needs strings 'chosen' and 'rejected'")
-        _check_ref_logps(row, 2, where)
-        return row["prompt"], [row["chosen"], row["rejected"]], [1.0, 0.0]
-    responses, rewards = row.get("responses"), row.get("rewards")
-    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+        chosen, rejected = row.get("chosen"), row.get("rejected")
+        if (
+            "prompt" not in row
+            and isinstance(chosen, (str, list))
+            and type(chosen) is type(rejected)
+        ):
+            prompt, chosen, rejected = _split_prompt(chosen, rejected)
+        else:
+            prompt = row.get("prompt")
+        responses = [chosen, rejected]
+        scores = [row.get("score_chosen"), row.get("score_rejected")]
+        rewards = [1.0, 0.0] if scores == [None, None] else scores
+        ref = row.get("ref_logps")
+        if ref is None and ("ref_chosen_logps" in row or "ref_rejected_logps" in row):
+            ref = [row.get("ref_chosen_logps"), row.get("ref_rejected_logps")]
+    else:
+        prompt, responses, rewards = row.get("prompt"), row.get("responses"), row.get("rewards")
+        ref = row.get("ref_logps")
+        if not isinstance(responses, list) or not responses:
+            raise ValueError(
+                f"{where}: a group row needs 'responses', a non-empty list "
+                "(or 'chosen' and 'rejected' for a pair)"
+            )
+    text = isinstance(prompt, str) and all(isinstance(r, str) for r in responses)
+    chat = _is_messages(prompt) and all(_is_messages(r) for r in responses)
+    if not (text or chat):
         raise ValueError(
-            f"{where}: a group row needs 'responses', a list of strings "
-            "(or 'chosen' and 'rejected' for a pair)"
+            f"{where}: 'prompt' and the responses must all be strings or all be conversations "
+            "(lists of {'role', 'content'} messages); got prompt "
+            f"{type(prompt).__name__} and responses {[type(r).__name__ for r in responses]}"
         )
     if not isinstance(rewards, list) or len(rewards) != len(responses):
         got = len(rewards) if isinstance(rewards, list) else type(rewards).__name__
@@ -46,11 +114,162 @@ def group_rows(row: dict[str, Any], where: str = "row") -> tuple[str, list[str],
             f"{where}: 'rewards' must be a list with one number per response; "
             f"got {len(responses)} responses and {got} rewards"
         )
-    rewards = _numbers(row["rewards"], where, "rewards")
-    if not responses:
-        raise ValueError(f"{where}: a group row needs at least one response")
-    _check_ref_logps(row, len(responses), where)
-    return row["prompt"], responses, rewards
+    out = {"prompt": prompt, "responses": responses, "rewards": _numbers(rewards, where, "rewards")}
+    if ref is not None:
+        if not isinstance(ref, list) or len(ref) != len(responses):
+            got = len(ref) if isinstance(ref, list) else type(ref).__name__
+            raise ValueError(
+                f"{where}: 'ref_logps' must be a list with one number per response; "
+                f"got {len(responses)} responses and {got}"
+            )
+        out["ref_logps"] = _numbers(ref, where, "ref_logps")
+    return out
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def tokenize_row(
+    row: Any, tokenizer: Any, where: str = "row", *, add_eos: bool = True
+) -> dict[str, Any]:
+    """Token ids of one row, as TRL's ``DPOTrainer`` makes them.
+
+    A standard row: the prompt is tokenised with the tokenizer's special tokens (its
+    ``<bos>`` if it adds one), and each response as part of ``prompt + response`` (with the
+    eos text appended when ``add_eos`` and absent); the response starts where the two
+    token lists part. A conversational row goes through the tokenizer's chat template,
+    the prompt with the generation prompt. Write a standard row's responses as they follow
+    the prompt (``" blue."`` after ``"The sky is"``): nothing is inserted between them.
+
+    Args:
+        row: A row that [`preference_row`][prefopt.integrations.data.preference_row] accepts.
+        tokenizer: A Hugging Face tokenizer.
+        where: How to name the row in an error.
+        add_eos: Append the eos token to standard responses. Default ``True``.
+
+    Returns:
+        ``{"prompt_ids", "response_ids", "rewards"}`` (``"ref_logps"`` when the row has it):
+        a list of ints, a list of such lists, a list of floats.
+    """
+    row = preference_row(row, where)
+    prompt, responses = row["prompt"], row["responses"]
+    if isinstance(prompt, str):
+        eos = tokenizer.eos_token if add_eos else None
+        prompt_ids = list(tokenizer(text=prompt)["input_ids"])
+        full = [
+            list(
+                tokenizer(text=prompt + r + (eos if eos and not r.endswith(eos) else ""))[
+                    "input_ids"
+                ]
+            )
+            for r in responses
+        ]
+    else:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                f"{where}: a conversational row needs a tokenizer with a chat template; "
+                "this one has none (set tokenizer.chat_template)"
+            )
+
+        def chat(messages, **kw):
+            return list(
+                tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)[
+                    "input_ids"
+                ]
+            )
+
+        prompt_ids = chat(prompt, add_generation_prompt=True)
+        full = [chat(prompt + r) for r in responses]
+    start = min(_common_prefix(prompt_ids, ids) for ids in full)
+    if start < len(prompt_ids):
+        _warn_once(
+            "prefopt: a tokenized prompt is not a prefix of prompt + response (tokens merge "
+            "across the boundary, or the chat template renders the prompt differently); the "
+            "response starts where they part. Standard rows: start each response with the "
+            "text that follows the prompt, e.g. a space."
+        )
+    out = {
+        "prompt_ids": prompt_ids[:start],
+        "response_ids": [ids[start:] for ids in full],
+        "rewards": row["rewards"],
+    }
+    if "ref_logps" in row:
+        out["ref_logps"] = row["ref_logps"]
+    return out
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """How long sequences are cut, as TRL's ``DPOConfig`` says, plus prompt/response limits.
+
+    Attributes:
+        max_length: Most tokens of prompt + response; ``None``: no limit.
+        max_prompt_length: Most prompt tokens; the prompt keeps its **end** (and its first
+            token when that is ``bos_id``). ``None``: no limit.
+        max_completion_length: Most response tokens; a response keeps its **start**.
+        mode: For ``max_length``: ``"keep_start"`` (TRL's default: the sequence keeps its
+            start, so responses lose their end) or ``"keep_end"``.
+        bos_id: The tokenizer's bos token id, kept at the head of a cut prompt.
+    """
+
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    max_completion_length: int | None = None
+    mode: str = "keep_start"
+    bos_id: int | None = None
+
+    def __post_init__(self):
+        for name in ("max_length", "max_prompt_length", "max_completion_length"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
+                raise ValueError(f"{name} must be an int >= 1 or None; got {value!r}")
+        if self.mode not in ("keep_start", "keep_end"):
+            raise ValueError(
+                f"truncation_mode must be 'keep_start' or 'keep_end'; got {self.mode!r}"
+            )
+
+    def prompt(self, ids: list[int]) -> list[int]:
+        """The prompt cut to ``max_prompt_length``, keeping its end (and its bos)."""
+        m = self.max_prompt_length
+        if m is None or len(ids) <= m:
+            return ids
+        if self.bos_id is not None and ids[0] == self.bos_id and m > 1:
+            return [ids[0], *ids[len(ids) - m + 1 :]]
+        return ids[len(ids) - m :]
+
+    def __call__(self, prompt: list[int], response: list[int]) -> tuple[list[int], list[int]]:
+        """One sequence's prompt and response ids after every limit."""
+        prompt = self.prompt(prompt)
+        if self.max_completion_length is not None:
+            response = response[: self.max_completion_length]
+        m = self.max_length
+        if m is not None and len(prompt) + len(response) > m:
+            if self.mode == "keep_start":
+                prompt, response = prompt[:m], response[: max(m - len(prompt), 0)]
+            else:
+                response = response[-m:]
+                prompt = prompt[len(prompt) - (m - len(response)) :] if m > len(response) else []
+        return prompt, response
+
+    def fills(self, prompt: list[int]) -> bool:
+        """Whether ``keep_start`` truncation would leave no response token after ``prompt``."""
+        m = self.max_length
+        return self.mode == "keep_start" and m is not None and len(self.prompt(prompt)) >= m
 
 
 # Rewards and log-probs are collated as float32: larger magnitudes would become inf.
@@ -78,24 +297,10 @@ def _numbers(values: Any, where: str, name: str) -> list[float]:
     return numbers
 
 
-def _check_ref_logps(row: dict[str, Any], n: int, where: str) -> None:
-    """An optional ``ref_logps`` column: one finite number per response."""
-    if "ref_logps" not in row:
-        return
-    ref = row["ref_logps"]
-    if not isinstance(ref, list) or len(ref) != n:
-        got = len(ref) if isinstance(ref, list) else type(ref).__name__
-        raise ValueError(
-            f"{where}: 'ref_logps' must be a list with one number per response; "
-            f"got {n} responses and {got}"
-        )
-    _numbers(ref, where, "ref_logps")
-
-
 def collate_ids(
     groups: Sequence[tuple[list[int], list[list[int]], list[float]]],
     pad_id: int,
-    max_length: int | None = None,
+    truncation: Truncation | None = None,
     ref_logps: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Pad token-id groups ``(prompt_ids, [response_ids...], rewards)`` into NumPy arrays.
@@ -104,37 +309,42 @@ def collate_ids(
         groups: Per prompt: its token ids, the token ids of each response (eos included
             if wanted), and one reward per response.
         pad_id: The token id of padding.
-        max_length: Keep at most the last ``max_length`` tokens of each sequence.
+        truncation: How to cut long sequences, or ``None`` (no limit).
         ref_logps: Per prompt, one reference log-prob per response, or ``None``.
 
     Returns:
         ``input_ids``, ``attention_mask``, ``labels`` (B, n, T) int64 (labels -100 on
         prompt and padding), ``rewards`` (B, n) float32, ``mask`` (B, n) bool, and
         ``ref_logps`` (B, n) float32 when given.
+
+    Raises:
+        ValueError: For an empty batch, or a response with no token left after truncation.
     """
     if not groups:
         raise ValueError("collate_ids: no groups to collate (an empty batch)")
-    if max_length is not None and max_length < 1:
-        raise ValueError(f"collate_ids: max_length must be >= 1 or None; got {max_length}")
-    B = len(groups)
-    n = max(len(g[1]) for g in groups)
-    seqs = [[(g[0] + r) for r in g[1]] for g in groups]
-    if max_length is not None:
-        seqs = [[s[-max_length:] for s in group] for group in seqs]
-    T = max(len(s) for group in seqs for s in group)
+    cut = truncation or Truncation()
+    seqs = []
+    for b, (prompt, responses, _) in enumerate(groups):
+        seqs.append([cut(prompt, r) for r in responses])
+        for i, (_, r) in enumerate(seqs[-1]):
+            if not r:
+                raise ValueError(
+                    f"collate_ids: group {b}, response {i} has no token left after truncation "
+                    f"(prompt {len(prompt)} tokens, response {len(responses[i])}, {cut})"
+                )
+    B, n = len(groups), max(len(g[1]) for g in groups)
+    T = max(len(p) + len(r) for group in seqs for p, r in group)
     input_ids = np.full((B, n, T), pad_id, dtype=np.int64)
     attention = np.zeros((B, n, T), dtype=np.int64)
     labels = np.full((B, n, T), IGNORE, dtype=np.int64)
     rewards = np.zeros((B, n), dtype=np.float32)
     mask = np.zeros((B, n), dtype=bool)
-    for b, (_, responses, rs) in enumerate(groups):
-        for i, seq in enumerate(seqs[b]):
-            length = len(seq)
-            response = len(responses[i])
-            input_ids[b, i, :length] = seq
+    for b, (_, _, rs) in enumerate(groups):
+        for i, (p, r) in enumerate(seqs[b]):
+            length = len(p) + len(r)
+            input_ids[b, i, :length] = p + r
             attention[b, i, :length] = 1
-            first = max(length - response, 0)
-            labels[b, i, first:length] = input_ids[b, i, first:length]
+            labels[b, i, len(p) : length] = r
             rewards[b, i] = rs[i]
             mask[b, i] = True
         attention[b, len(seqs[b]) :, 0] = 1  # padding responses: one attended token, no label

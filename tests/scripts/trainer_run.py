@@ -2,7 +2,8 @@
 
 Run directly for one process, or under ``torchrun --nproc_per_node 2`` for data parallelism
 (gloo on CPU); ``--batch`` is the per-process batch size. Rank 0 writes ``result.pt``
-(parameters and logged losses) to ``--out``.
+(parameters and logged losses) to ``--out``. ``--fsdp`` asks for FSDP, which accelerate
+enables on GPUs only: the trainer must refuse rather than run plain DDP.
 """
 
 import argparse
@@ -12,10 +13,11 @@ import torch
 import transformers
 
 from prefopt.cli.task import builtin_model, builtin_tokenizer
-from prefopt.integrations.transformers import PreferenceCollator, PreferenceTrainer
+from prefopt.integrations.transformers import PreferenceConfig, PreferenceTrainer
 
 ROWS = [
-    {"prompt": f"copy: {a} {b}", "responses": [f"{b} {b}", a, f"{b} c d", b][: 2 + i % 3],
+    {"prompt": f"copy: {a} {b}",
+     "responses": [f" {b} {b}", f" {a}", f" {b} c d", f" {b}"][: 2 + i % 3],
      "rewards": [1.0, 0.0, 0.3, 0.8][: 2 + i % 3]}
     for i, (a, b) in enumerate(zip("abcdefghabcdefgh", "hgfedcbaabcdefgh"))
 ]  # fmt: skip
@@ -27,17 +29,18 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--loss", default="mpo")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--fsdp", action="store_true")
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
     tok = builtin_tokenizer()
-    training = transformers.TrainingArguments(
+    training = PreferenceConfig(
         output_dir=os.path.join(args.out, "trainer"),
         per_device_train_batch_size=args.batch,
         max_steps=args.steps,
         learning_rate=0.05,
         optim="sgd",
         lr_scheduler_type="constant",
-        remove_unused_columns=False,
+        loss_type=args.loss,
         report_to=[],
         logging_steps=1,
         use_cpu=True,
@@ -46,14 +49,14 @@ def main():
         data_seed=0,
         save_strategy="no",
         disable_tqdm=True,
+        **({"fsdp": "full_shard"} if args.fsdp else {}),
     )
     trainer = PreferenceTrainer(
-        model=builtin_model(tok, 0),
+        builtin_model(tok, 0),
         ref_model=builtin_model(tok, 1),
-        loss=args.loss,
         args=training,
         train_dataset=ROWS,
-        data_collator=PreferenceCollator(tok),
+        processing_class=tok,
     )
     trainer.train()
     if trainer.is_world_process_zero():
