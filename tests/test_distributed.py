@@ -41,6 +41,36 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=1e-6, atol=0
     )
     torch.testing.assert_close(b["params"], a["params"], rtol=1e-5, atol=1e-7)
+    # FSDP asked for through the Trainer on CPU: accelerate would quietly run DDP instead
+    fsdp = [*two[:-2], "--fsdp", *two[-2:]]
+    fsdp[fsdp.index("29517")] = "29519"
+    out = subprocess.run(fsdp, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode != 0
+    assert "args.fsdp is set but accelerate did not enable FSDP" in out.stderr
+
+
+def test_fsdp_two_processes_match_one_process(tmp_path):
+    # FSDP2 (fully_shard, gloo, CPU) with the trainer's collator and loss: sharded
+    # parameters, each process half of every batch, the same steps as one process.
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = str(SCRIPTS / "fsdp_run.py")
+    one = [sys.executable, script, "--out", str(tmp_path / "one")]
+    two = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", "29518", script, "--out", str(tmp_path / "two"),
+    ]  # fmt: skip
+    for cmd in (one, two):
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "result.pt")
+    b = torch.load(tmp_path / "two" / "result.pt")
+    assert (a["world"], a["sharded"], b["world"], b["sharded"]) == (1, False, 2, True)
+    torch.testing.assert_close(
+        torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=1e-6, atol=0
+    )
+    torch.testing.assert_close(b["params"], a["params"], rtol=1e-5, atol=1e-7)
 
 
 def test_jax_eight_devices_match_one_device():
