@@ -107,6 +107,7 @@ def test_readme_python_examples_run():
         "losses/group.md",
         "losses/kto.md",
         "training/trainer.md",
+        "training/trl.md",
         "training/jax.md",
     ],
 )
