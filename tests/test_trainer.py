@@ -369,3 +369,23 @@ def test_lora_trains_the_adapter_against_the_adapter_free_base(tok, tmp_path):
         assert torch.equal(trained[key], v), k
     moved = [n for n, p in t.model.named_parameters() if p.requires_grad]
     assert moved and all("lora_" in n for n in moved)
+
+
+def test_conversational_pairs_and_groups_train(tmp_path):
+    tok = builtin_tokenizer()
+    tok.chat_template = "<bos>{% for m in messages %} {{ m['content'] }} <eos>{% endfor %}"
+
+    def say(role, text):
+        return [{"role": role, "content": text}]
+
+    rows = [
+        {"prompt": say("user", "copy: a"), "chosen": say("assistant", "a a"),
+         "rejected": say("assistant", "b")},
+        {"prompt": say("user", "copy: c"), "responses": [say("assistant", "c"),
+         say("assistant", "d"), say("assistant", "c c")], "rewards": [0.5, 0.0, 1.0]},
+    ]  # fmt: skip
+    t = Recording(builtin_model(tok, 0), args=config(tmp_path), train_dataset=rows,
+                  processing_class=tok)  # fmt: skip
+    assert [len(r["response_ids"]) for r in t.train_dataset] == [2, 3]
+    t.train()
+    assert math.isfinite(t.losses[0])
