@@ -1,0 +1,168 @@
+r"""The group layout: a prompt and its n responses packed into one sequence.
+
+A group of n responses to one prompt is usually run as n sequences ``prompt + response``,
+so the prompt is computed n times. Packed, the group is **one** sequence
+
+$$
+[\,x_1 \dots x_p \;|\; y^{(1)}_1 \dots y^{(1)}_{r_1} \;|\; \dots \;|\;
+   y^{(n)}_1 \dots y^{(n)}_{r_n}\,]
+$$
+
+of $p + \sum_i r_i$ tokens, where every response token attends to the prompt and to the
+earlier tokens of its own response only (a block-causal mask), and its position restarts
+after the prompt: token $k$ of any response has position $p + k$, as in its own sequence.
+Each response's log-prob is then exactly the one of its own sequence: the first token is
+predicted by the prompt's last position, token $k > 0$ by the position before it.
+
+Written once against the Array API: the PyTorch integration and the JAX example use it.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, NamedTuple
+
+from prefopt._ops import get_namespace
+
+Array = Any
+
+__all__ = ["GroupLayout", "group_attention_mask", "group_layout"]
+
+
+class GroupLayout(NamedTuple):
+    """Where each packed token comes from and what it may attend to (see ``group_layout``).
+
+    Attributes:
+        response: (B, L) int: which response of the group a packed token is read from
+            (0 for prompt tokens and padding: the prompt is read from response 0's row).
+        column: (B, L) int: its position in that response's unshared row
+            ``prompt + response`` (0 for padding).
+        positions: (B, L) int: its position id (prompt $j$: $j$; response token $k$:
+            $p + k$; padding 0).
+        segments: (B, L) int: 0 for the prompt, $i + 1$ for response $i$, -1 for padding.
+        label_positions: (B, n, R) int: the packed position whose output predicts token
+            $k$ of response $i$ ($R$ the longest response).
+        label_mask: (B, n, R) bool: which of those are real tokens ($k < r_i$).
+    """
+
+    response: Array
+    column: Array
+    positions: Array
+    segments: Array
+    label_positions: Array
+    label_mask: Array
+
+
+def group_layout(
+    prompt_lengths: Array,
+    response_lengths: Array,
+    *,
+    length: int | None = None,
+    max_response: int | None = None,
+    xp: ModuleType | None = None,
+) -> GroupLayout:
+    r"""Pack each group's prompt and responses into one sequence (see the module docstring).
+
+    Response $i$ of group $b$ starts at $s_{bi} = p_b + \sum_{i' < i} r_{bi'}$; a packed
+    sequence is padded to $L = \max_b (p_b + \sum_i r_{bi})$. Gather the packed tokens from
+    an unshared (B, n, T) batch with ``ids[b, response[b, j], column[b, j]]``.
+
+    Args:
+        prompt_lengths: (B,) int, $p_b \ge 1$ tokens of each prompt.
+        response_lengths: (B, n) int, $r_{bi} \ge 0$ tokens of each response (0 for a
+            padding slot of a ragged group).
+        length: $L$, when it must be static (under ``jax.jit``). Default ``None``: the
+            longest packed group (reads the lengths' values).
+        max_response: $R$, likewise. Default ``None``: the longest response.
+        xp: The array namespace, if known.
+
+    Returns:
+        A [`GroupLayout`][prefopt.layout.GroupLayout].
+
+    Raises:
+        ValueError: For lengths of the wrong shape, a prompt shorter than 1 token, a
+            negative response length, or a ``length`` shorter than a packed group.
+
+    References:
+        Wang et al., "Accelerating Direct Preference Optimization with Prefix Sharing",
+        arXiv:2410.20305 (the same packing for pairs).
+
+    Examples:
+        >>> import numpy as np
+        >>> from prefopt.layout import group_layout
+        >>> lay = group_layout(np.array([2]), np.array([[2, 1]]))
+        >>> lay.segments.tolist(), lay.positions.tolist()
+        ([[0, 0, 1, 1, 2]], [[0, 1, 2, 3, 2]])
+        >>> lay.label_positions.tolist()  # a response's first token: the prompt's end
+        [[[1, 2], [1, 4]]]
+        >>> lay.label_mask.tolist()  # response 1 has one token
+        [[[True, True], [True, False]]]
+    """
+    xp = get_namespace(prompt_lengths, response_lengths, xp=xp)
+    p, r = prompt_lengths, response_lengths
+    if len(p.shape) != 1 or len(r.shape) != 2 or r.shape[0] != p.shape[0]:
+        raise ValueError(
+            "group_layout: prompt_lengths must be (B,) and response_lengths (B, n); got "
+            f"{tuple(p.shape)} and {tuple(r.shape)}"
+        )
+    p, r = xp.astype(p, xp.int64), xp.astype(r, xp.int64)
+    total = p + xp.sum(r, axis=1)
+    if length is None or max_response is None:  # the values are readable: check them
+        if bool(xp.any(p < 1)) or bool(xp.any(r < 0)):
+            raise ValueError(
+                "group_layout: every prompt needs >= 1 token and no response length may be negative"
+            )
+        length = int(xp.max(total)) if length is None else length
+        max_response = int(xp.max(r)) if max_response is None else max_response
+    starts = p[:, None] + xp.cumulative_sum(r, axis=1) - r  # (B, n)
+    j = xp.arange(length, dtype=xp.int64)[None, :]  # (1, L)
+    in_prompt = j < p[:, None]
+    in_group = j < total[:, None]
+    # response of token j: the last one starting at or before j (empty ones share a start)
+    started = xp.sum(xp.astype(starts[:, None, :] <= j[:, :, None], xp.int64), axis=-1)
+    response = xp.where(in_prompt | ~in_group, 0, started - 1)
+    start = xp.take_along_axis(starts, response, axis=1)
+    offset = j - start  # token index within its response
+    column = xp.where(in_prompt, j, xp.where(in_group, p[:, None] + offset, 0))
+    positions = column
+    segments = xp.where(in_prompt, 0, xp.where(in_group, response + 1, -1))
+    k = xp.arange(max(max_response, 1), dtype=xp.int64)[None, None, :]  # (1, 1, R)
+    label_positions = xp.where(k == 0, p[:, None, None] - 1, starts[:, :, None] + k - 1)
+    label_mask = k < r[:, :, None]
+    return GroupLayout(
+        response=response,
+        column=column,
+        positions=positions,
+        segments=segments,
+        label_positions=label_positions,
+        label_mask=label_mask,
+    )
+
+
+def group_attention_mask(segments: Array, *, xp: ModuleType | None = None) -> Array:
+    r"""The block-causal mask of packed groups: (B, L, L) bool, ``True`` where query attends.
+
+    A token at position $q$ attends to key $k \le q$ when the key is a prompt token or in
+    the query's own response. A padding position attends to itself only, so that no row
+    of the attention is empty.
+
+    Args:
+        segments: (B, L) from [`group_layout`][prefopt.layout.group_layout].
+        xp: The array namespace, if known.
+
+    Returns:
+        (B, L, L) bool.
+
+    Examples:
+        >>> import numpy as np
+        >>> from prefopt.layout import group_attention_mask
+        >>> group_attention_mask(np.array([[0, 1, 2]])).astype(int).tolist()
+        [[[1, 0, 0], [1, 1, 0], [1, 0, 1]]]
+    """
+    xp = get_namespace(segments, xp=xp)
+    L = segments.shape[-1]
+    i = xp.arange(L)
+    causal = i[:, None] >= i[None, :]
+    q, k = segments[:, :, None], segments[:, None, :]
+    allowed = causal[None, ...] & (q >= 0) & ((k == 0) | (k == q))
+    return allowed | (i[:, None] == i[None, :])[None, ...]
