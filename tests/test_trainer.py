@@ -389,3 +389,15 @@ def test_conversational_pairs_and_groups_train(tmp_path):
     assert [len(r["response_ids"]) for r in t.train_dataset] == [2, 3]
     t.train()
     assert math.isfinite(t.losses[0])
+
+
+def test_the_group_forward_switches_do_not_change_the_loss(tok, tmp_path):
+    losses = []
+    for share, fused in ((True, True), (False, False)):
+        t = Recording(builtin_model(tok, 0), ref_model=builtin_model(tok, 1),
+                      args=config(tmp_path, share_prefix=share, fused=fused, max_steps=2),
+                      train_dataset=GROUPS * 2, processing_class=tok)  # fmt: skip
+        assert t.settings.logps_options == {"share_prefix": share, "fused": fused}
+        t.train()
+        losses.append(t.losses)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

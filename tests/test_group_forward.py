@@ -1,0 +1,158 @@
+"""The group forward: each prompt once per group (packed, block-causal mask) and log-probs
+without the logits tensor, equal to running every response as its own sequence."""
+
+import types
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from prefopt.integrations.data import collate_ids  # noqa: E402
+from prefopt.integrations.transformers import batch_logps  # noqa: E402
+
+V = 61
+
+
+def tiny(arch, dtype, attn="sdpa", **extra):
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **extra,
+    )  # fmt: skip
+    config, model = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+    }[arch]
+    if arch.startswith("gemma"):
+        common["head_dim"] = 8
+    m = model(config(**common)).to(dtype)
+    m.config._attn_implementation = attn
+    return m
+
+
+def exact_norms(model):
+    """RMSNorm in the model's dtype: Hugging Face's computes in float32 even in a float64
+    model, which rounds the gradients of prompt positions that n responses share (about
+    1e-7 relative) though the method is exact; with this, float64 agrees to 1e-15."""
+
+    def forward(self, x):
+        eps = getattr(self, "variance_epsilon", getattr(self, "eps", None))
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return h * (1.0 + self.weight) if "Gemma" in type(self).__name__ else self.weight * h
+
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = types.MethodType(forward, module)
+    return model
+
+
+def batch(seed=0, n=4):
+    """Prompts of different lengths, ragged groups, responses of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(k):
+        return torch.randint(3, V, (k,), generator=g).tolist()
+
+    groups = [
+        (ids(7), [ids(4), ids(1), ids(6), ids(3)][:n], [1.0, 0.0, 0.4, 0.2][:n]),
+        (ids(2), [ids(5), ids(2)], [0.3, 0.9]),
+        (ids(4), [ids(3), ids(3), ids(1)], [0.5, 0.1, 0.7]),
+    ]
+    return {k: torch.from_numpy(v) for k, v in collate_ids(groups, pad_id=0).items()}
+
+
+def one_at_a_time(model, data):
+    """Each response as its own unpadded sequence, summed in float64 by a plain loop."""
+    out = torch.zeros(data["mask"].shape, dtype=torch.float64)
+    for b, i in data["mask"].nonzero().tolist():
+        keep = data["attention_mask"][b, i] == 1
+        ids, labels = data["input_ids"][b, i][keep], data["labels"][b, i][keep]
+        logits = model(input_ids=ids[None]).logits[0].double()
+        lp = torch.log_softmax(logits, -1)
+        out[b, i] = sum(lp[t - 1, labels[t]] for t in range(1, len(ids)) if labels[t] != -100)
+    return out
+
+
+def grads(model, fn):
+    model.zero_grad()
+    weights = torch.linspace(0.5, 1.5, 12).reshape(3, 4)
+    value = fn()
+    (value * weights).sum().backward()
+    return value.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+ARCHS = ["llama", "qwen2", "mistral", "gemma"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_shared_and_fused_equal_the_unshared_path(arch, dtype, rtol):
+    model, data = tiny(arch, dtype), batch()
+    if dtype == torch.float64:
+        exact_norms(model)
+    with torch.no_grad():
+        expected = one_at_a_time(model, data)
+    base, base_grads = grads(
+        model, lambda: batch_logps(model, data, share_prefix=False, fused=False)[0]
+    )
+    torch.testing.assert_close(base.double(), expected, rtol=rtol, atol=rtol)
+    for share, fused in ((True, False), (False, True), (True, True)):
+        value, value_grads = grads(
+            model, lambda: batch_logps(model, data, share_prefix=share, fused=fused)[0]
+        )
+        assert value.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(value, base, rtol=rtol, atol=rtol)
+        assert len(value_grads) == len(base_grads) > 0
+        for a, b in zip(value_grads, base_grads):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
+    assert torch.all(base[~data["mask"]] == 0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_tied_embeddings_and_eager_attention(attn):
+    model, data = tiny("llama", torch.float32, attn=attn, tie_word_embeddings=True), batch()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    base, base_grads = grads(
+        model, lambda: batch_logps(model, data, share_prefix=False, fused=False)[0]
+    )
+    value, value_grads = grads(model, lambda: batch_logps(model, data)[0])
+    torch.testing.assert_close(value, base, rtol=1e-5, atol=1e-5)
+    for a, b in zip(value_grads, base_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+def test_a_final_logit_softcap_is_refused_when_fused_and_exact_otherwise():
+    model = tiny("gemma2", torch.float64, final_logit_softcapping=5.0, attn_logit_softcapping=None)
+    data = batch()
+    with pytest.raises(ValueError, match=r"config.final_logit_softcapping=5.0.*pass fused=False"):
+        batch_logps(model, data)
+    with torch.no_grad():
+        shared = batch_logps(model, data, fused=False)[0]
+        torch.testing.assert_close(
+            shared.double(), one_at_a_time(model, data), rtol=1e-10, atol=1e-10
+        )
+
+
+def test_groups_cut_to_different_prompts_run_unshared():
+    # keep_end truncation can leave the responses of one group with different prompt tokens
+    model, data = tiny("llama", torch.float64), batch()
+    data["input_ids"][0, 1, 0] = (data["input_ids"][0, 1, 0] + 1) % V  # response 1's prompt differs
+    with torch.no_grad():
+        got = batch_logps(model, data)[0]
+        torch.testing.assert_close(got, one_at_a_time(model, data), rtol=1e-10, atol=1e-10)
+
+
+def test_the_prompt_runs_once_per_group():
+    model, data = tiny("llama", torch.float32), batch()
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    with torch.no_grad():
+        batch_logps(model, data)
+        batch_logps(model, data, share_prefix=False)
+    hook.remove()
+    # packed: 3 sequences of max(prompt + all responses) tokens; unshared: 3 * 4 rows of T
+    assert seen[0] == (3, 7 + 4 + 1 + 6 + 3) and seen[1] == (12, data["input_ids"].shape[-1])
