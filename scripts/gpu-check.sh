@@ -57,4 +57,8 @@ PY
   echo "== log-probs: naive vs fused, bf16, vocabulary 128k, on CUDA"
   timeout 200 python3 benchmarks/bench_logps.py --device cuda --dtype bfloat16 --vocab 128256 \
     --rows 16 --seq 512 --hidden 2048 --chunk 2048 --repeats 3 --rounds 1
+
+  echo "== one MPO step: unshared vs the group forward, bf16, vocabulary 128k, on CUDA"
+  timeout 200 python3 benchmarks/bench_step.py --device cuda --dtype bfloat16 --vocab 128256 \
+    --repeats 3 --rounds 1
 } 2>&1 | tee "$out/gpu-check.log"

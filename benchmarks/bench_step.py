@@ -1,0 +1,217 @@
+"""One preference training step with groups: the unshared path against the group forward.
+
+A step is the policy's forward and backward, the reference's forward (no gradient) and
+the MPO loss, on B groups of n responses. ``unshared`` runs B·n full sequences and their
+whole logits (the path before the group forward: ``share_prefix=False, fused=False``);
+``shared`` runs each group's prompt once in a packed sequence and only response positions
+through the output layer, in chunks (the defaults of ``batch_logps``). With ``--pairs``,
+n = 2 and the step of prefopt's ``PreferenceTrainer`` is timed against TRL's
+``DPOTrainer`` (``trl``) on the same model and batch (TRL must be installed).
+
+    python benchmarks/bench_step.py            # Llama H 256, 4 layers, V 32000, B 2, n 8,
+                                               # prompt 256, responses 64, float32, CPU
+    python benchmarks/bench_step.py --pairs    # n = 2, B 8: PreferenceTrainer vs DPOTrainer
+    python benchmarks/bench_step.py --quick    # tiny sizes: a smoke run (CI)
+    python benchmarks/bench_step.py --device cuda --dtype bfloat16 --vocab 128256
+
+Targets (groups): time at most 0.2x, peak memory growth at most 0.15x of ``unshared``;
+(pairs): at most 1.0x TRL's time. Each path runs in its own process, alternating over
+``--rounds``; time is the best of ``--repeats`` steps after a warm-up; memory is the growth
+of the peak resident set over the one once model and batch exist (CUDA: allocated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def tokenizer(vocab: int):
+    """A word-level tokenizer over ``vocab`` words ``w0 w1 ...`` (nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", *(f"w{i}" for i in range(vocab - 2))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def worker(args) -> dict:
+    import copy
+
+    import torch
+    import transformers
+
+    from prefopt.integrations.data import collate_ids
+    from prefopt.integrations.transformers import loss_and_metrics
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(args.hidden // 64, 1),
+        max_position_embeddings=args.prompt + args.response + 8,
+        tie_word_embeddings=False,
+    )
+    policy = transformers.LlamaForCausalLM(config).to(dev, dtype)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+
+    def ids(k):
+        return torch.randint(2, args.vocab, (k,), generator=g).tolist()
+
+    rewards = [float(i) for i in range(args.n)]
+    groups = [
+        (ids(args.prompt), [ids(args.response) for _ in range(args.n)], rewards)
+        for _ in range(args.groups)
+    ]
+    batch = {k: torch.from_numpy(v).to(dev) for k, v in collate_ids(groups, pad_id=0).items()}
+
+    if args.mode in ("unshared", "shared"):
+        shared = args.mode == "shared"
+
+        def step():
+            loss, _, _ = loss_and_metrics(
+                policy, batch, ref_model=reference, loss="mpo", share_prefix=shared, fused=shared
+            )
+            loss.backward()
+            policy.zero_grad(set_to_none=True)
+    else:  # a trainer's compute_loss on the same pairs: TRL's layout or prefopt's
+        import datasets
+
+        tok = tokenizer(args.vocab)
+        data = datasets.Dataset.from_list([{"prompt": "w1", "chosen": " w2", "rejected": " w3"}])
+        if args.mode == "trl":
+            import trl
+
+            cls = trl.DPOTrainer
+            chosen = [p + r[0] for p, r, _ in groups]
+            rejected = [p + r[1] for p, r, _ in groups]
+            rows = chosen + rejected
+            inputs = {
+                "input_ids": torch.tensor(rows, device=dev),
+                "attention_mask": torch.ones(len(rows), len(rows[0]), dtype=torch.long, device=dev),
+                "completion_mask": torch.tensor(
+                    [[0] * args.prompt + [1] * args.response] * len(rows), device=dev
+                ),
+            }
+        else:
+            from prefopt.integrations.transformers import PreferenceTrainer
+
+            cls, inputs = PreferenceTrainer, batch
+        import trl
+
+        cfg = trl.DPOConfig(
+            output_dir="/tmp/prefopt-bench-step",
+            loss_type=["sigmoid"],
+            bf16=args.dtype == "bfloat16",
+            use_cpu=args.device == "cpu",
+            gradient_checkpointing=False,
+            report_to=[],
+            max_length=None,
+        )
+        trainer = cls(
+            model=policy, ref_model=reference, args=cfg, train_dataset=data, processing_class=tok
+        )
+        model = trainer.model.train()
+
+        def step():
+            loss = trainer.compute_loss(model, inputs)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = rss_mib()
+    times = []
+    for _ in range(args.repeats + 1):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else rss_mib()
+    return {"base": base, "peak": peak, "time": min(times[1:])}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--pairs", action="store_true", help="n = 2: against TRL's DPOTrainer")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--groups", type=int, default=None, help="B (default 2; 8 with --pairs)")
+    parser.add_argument("--n", type=int, default=8, help="responses per prompt")
+    parser.add_argument("--prompt", type=int, default=256, help="prompt tokens")
+    parser.add_argument("--response", type=int, default=64, help="tokens per response")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.hidden, args.layers, args.vocab, args.prompt, args.response = 32, 1, 500, 16, 4
+        args.repeats, args.rounds = 1, 1
+    if args.pairs:
+        args.n = 2
+    if args.groups is None:
+        args.groups = 8 if args.pairs else 2
+    if args.mode:  # a worker process
+        print(json.dumps(worker(args)))
+        return
+    modes = ("trl", "prefopt") if args.pairs else ("unshared", "shared")
+    argv = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("quick", "pairs", "mode")]
+    results = {mode: [] for mode in modes}
+    for _ in range(args.rounds):
+        for mode in modes:
+            out = subprocess.run(
+                [sys.executable, __file__, *argv, f"--mode={mode}"],
+                capture_output=True,
+                text=True,
+            )
+            if out.returncode:
+                sys.exit(f"{mode} worker failed:\n{out.stderr[-3000:]}")
+            results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    unit = "MiB (CUDA allocated)" if args.device != "cpu" else "MiB (max RSS)"
+    print(
+        f"{args.device} {args.dtype}: Llama H {args.hidden}, {args.layers} layers, V {args.vocab}; "
+        f"B {args.groups} x n {args.n}, prompt {args.prompt}, responses {args.response}; "
+        f"best of {args.repeats} (+1 warm-up) x {args.rounds} rounds"
+    )
+    print(f"{'path':10} {'peak ' + unit:>26} {'growth':>10} {'time s':>9}")
+    summary = {}
+    for mode, runs in results.items():
+        peak = max(r["peak"] for r in runs)
+        growth = max(r["peak"] - r["base"] for r in runs)
+        best = min(r["time"] for r in runs)
+        summary[mode] = (peak, growth, best)
+        print(f"{mode:10} {peak:26.0f} {growth:10.0f} {best:9.3f}")
+    (_, g0, t0), (_, g1, t1) = summary[modes[0]], summary[modes[1]]
+    print(
+        f"{modes[1]} / {modes[0]}: time {t1 / t0:.2f}, peak memory growth {g1 / max(g0, 1e-9):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
