@@ -37,6 +37,16 @@ def test_training_loops(script):
     assert out.count("step") == 2 and "loss" in out
 
 
+def test_flax_group_forward_equals_unshared_and_trains():
+    # the script asserts shared == unshared (values and gradients) before training
+    out = run(EXAMPLES / "mpo_flax_group.py", "--steps", "30")
+    assert "shared == unshared" in out
+    probes = [
+        float(line.split("p(target) ")[1]) for line in out.splitlines() if "p(target)" in line
+    ]
+    assert len(probes) == 3 and probes[-1] > probes[0]
+
+
 def test_ultrafeedback_to_groups_then_train(tmp_path):
     groups = tmp_path / "groups.jsonl"
     assert "wrote 2 group rows (0 skipped)" in run(
