@@ -20,6 +20,7 @@ def public_symbols():
         "prefopt.integrations.transformers",
         "prefopt.integrations.jax",
         "prefopt.losses.registry",
+        "prefopt.layout",
     ):
         try:
             modules[name] = __import__(name, fromlist=["_"])
