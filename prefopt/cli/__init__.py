@@ -35,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
         help="on-policy (default) or offline preference training",
         description="Sample --responses responses per prompt from the current policy, score "
         "them, update with --loss, repeat; or, with --data, train offline on JSONL rows. "
-        "Without --model: a tiny built-in LM and task (no download).",
+        "Without --model: a tiny built-in LM and task (no download). Your own run: "
+        "prefopt train --model DIR --prompts prompts.jsonl --reward rewards.py:score",
     )
     p.add_argument("--model", help="a local Hugging Face causal LM checkpoint directory")
     p.add_argument(
@@ -51,7 +52,44 @@ def parser() -> argparse.ArgumentParser:
         help=f"responses sampled per prompt (default {d.responses})",
     )
     p.add_argument(
-        "--prompts", type=int, default=d.prompts, help=f"prompts per step (default {d.prompts})"
+        "--prompts",
+        metavar="FILE",
+        help='JSONL of {"prompt": str or [messages]} rows to sample from (needs --reward or '
+        "--reward-model); default: the built-in task",
+    )
+    p.add_argument(
+        "--reward",
+        metavar="MODULE:FUNCTION",
+        help="reward(prompts, responses) -> one number per response; or FILE.py:FUNCTION",
+    )
+    p.add_argument(
+        "--reward-model",
+        metavar="DIR",
+        help="a local Hugging Face sequence-classification checkpoint (one output) as reward",
+    )
+    p.add_argument(
+        "--eval-prompts",
+        metavar="FILE",
+        help="held-out prompts (JSONL, as --prompts), scored every --eval-every steps",
+    )
+    p.add_argument(
+        "--prompts-per-step",
+        type=int,
+        default=d.prompts_per_step,
+        help=f"prompts (or --data rows) per step (default {d.prompts_per_step})",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=d.temperature,
+        help=f"sampling (default {d.temperature})",
+    )
+    p.add_argument("--top-p", type=float, default=d.top_p, help=f"sampling (default {d.top_p})")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=d.max_new_tokens,
+        help=f"longest sampled response (default {d.max_new_tokens})",
     )
     p.add_argument("--beta", type=float, help="the loss's beta (default: the loss's own)")
     p.add_argument("--alpha", type=float, help="MPO's alpha (default: MPO's own, 1.0)")

@@ -1,9 +1,11 @@
 """``prefopt train``: on-policy or offline preference training.
 
 On-policy: sample n responses per prompt, score them, update with a registered loss,
-repeat. Offline: train over a JSONL file of group or pair rows. With no arguments it runs
-a built-in task: a tiny causal LM made from a config (random weights, no download) learns
-to repeat the last letter of its prompt.
+repeat; the prompts and the reward are the user's (``--prompts FILE`` with ``--reward
+MODULE:FUNCTION`` or ``--reward-model DIR``) or the built-in task's. Offline: train over a
+JSONL file of group or pair rows. With no arguments it runs the built-in task: a tiny
+causal LM made from a config (random weights, no download) learns to repeat the last
+letter of its prompt.
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ import numpy as np
 import torch
 
 import prefopt
+from prefopt.cli.reward import (
+    RewardError,
+    RewardModel,
+    checked_rewards,
+    load_reward,
+    read_prompts,
+)
 from prefopt.cli.task import builtin_model, builtin_tokenizer, copy_task_prompts, copy_task_reward
 from prefopt.integrations.data import collate_ids, preference_row
 from prefopt.integrations.transformers import PreferenceCollator, loss_and_metrics
@@ -34,8 +43,11 @@ class Interrupted(Exception):
     """Ctrl-C: the run stopped after a whole step and saved its checkpoint."""
 
 
-# What --resume must find unchanged: the run's data, loss and its options.
-RESUME_FIXED = ("model", "data", "loss", "beta", "alpha", "extra", "pairs", "no_reference")
+# What --resume must find unchanged: the run's data, prompts, reward, loss and its options.
+RESUME_FIXED = (
+    "model", "data", "prompts", "reward", "reward_model", "loss", "beta", "alpha", "extra",
+    "pairs", "no_reference",
+)  # fmt: skip
 
 
 @dataclass
@@ -53,8 +65,14 @@ class Config:
     output: str = "prefopt-run"
     resume: bool = False
     lr: float = 3e-3
-    prompts: int = 8
-    response_tokens: int = 6
+    prompts_per_step: int = 8
+    prompts: str | None = None  # a JSONL file of prompts (on-policy)
+    eval_prompts: str | None = None
+    reward: str | None = None  # MODULE:FUNCTION or FILE.py:FUNCTION
+    reward_model: str | None = None  # a sequence-classification checkpoint directory
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 6
     eval_every: int = 50
     save_every: int = 100
     pairs: str = "all"
@@ -150,7 +168,7 @@ def check(config: Config) -> dict[str, Any]:
         raise UserError("--loss kto needs unpaired data; prefopt train uses groups or pairs")
     if found.couples_batch:
         raise UserError(f"--loss {config.loss} sorts across the batch; it cannot run on groups")
-    names = ("responses", "steps", "prompts", "response_tokens", "eval_every", "save_every")
+    names = ("responses", "steps", "prompts_per_step", "max_new_tokens", "eval_every", "save_every")
     for name in (*names, "max_length"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(config, name)}")
@@ -158,6 +176,24 @@ def check(config: Config) -> dict[str, Any]:
         raise UserError(f"--responses must be >= 2 to compare responses; got {config.responses}")
     if not 0 < config.lr < math.inf:
         raise UserError(f"--lr must be a finite number > 0; got {config.lr}")
+    if not 0 < config.temperature < math.inf:
+        raise UserError(f"--temperature must be a finite number > 0; got {config.temperature}")
+    if not 0 < config.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1]; got {config.top_p}")
+    if config.data and (config.prompts or config.eval_prompts):
+        raise UserError(
+            "--data trains offline; --prompts and --eval-prompts are for on-policy runs"
+        )
+    if config.reward and config.reward_model:
+        raise UserError("--reward and --reward-model both give the reward; give one")
+    scorer = config.reward or config.reward_model
+    if config.prompts and not scorer:
+        raise UserError("--prompts needs a reward: --reward MODULE:FUNCTION or --reward-model DIR")
+    if scorer and not config.prompts:
+        flag = "--reward" if config.reward else "--reward-model"
+        raise UserError(f"{flag} scores your prompts: give them with --prompts FILE.jsonl")
+    if config.eval_prompts and not config.prompts:
+        raise UserError("--eval-prompts goes with --prompts (the built-in task has its own)")
     given = {k: getattr(config, k) for k in ("beta", "alpha") if getattr(config, k) is not None}
     twice = sorted(set(given) & set(config.extra))
     if twice:
@@ -187,12 +223,25 @@ def check(config: Config) -> dict[str, Any]:
     return given
 
 
+def encode_prompt(tokenizer, prompt: Any) -> list[int]:
+    """Token ids of a prompt: through the chat template when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if isinstance(prompt, list):
+        raise UserError(
+            "--prompts: a conversational prompt needs a model whose tokenizer has a chat template"
+        )
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    return [*bos, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+
+
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], n: int, tokens: int):
+def sample(model, tokenizer, prompts: list[Any], n: int, config: Config):
     """``n`` sampled responses per prompt: ``(prompt_ids, [response_ids...])`` per prompt."""
     pad = tokenizer.pad_token_id
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    encoded = [[*bos, *tokenizer(p, add_special_tokens=False)["input_ids"]] for p in prompts]
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
     width = max(len(e) for e in encoded)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     attention = torch.zeros_like(ids)
@@ -205,9 +254,9 @@ def sample(model, tokenizer, prompts: list[str], n: int, tokens: int):
         attention_mask=attention,
         do_sample=True,
         top_k=0,
-        top_p=1.0,
-        temperature=1.0,
-        max_new_tokens=tokens,
+        top_p=config.top_p,
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
         num_return_sequences=n,
         pad_token_id=pad,
         eos_token_id=tokenizer.eos_token_id,
@@ -217,14 +266,32 @@ def sample(model, tokenizer, prompts: list[str], n: int, tokens: int):
     for i, prompt_ids in enumerate(encoded):
         responses = []
         for row in out[i * n : (i + 1) * n].tolist():
-            if tokenizer.eos_token_id in row:
+            if tokenizer.eos_token_id in row:  # up to its eos; the padding after it dropped
                 row = row[: row.index(tokenizer.eos_token_id) + 1]
-            responses.append(row)
+            while row and row[-1] == pad and pad != tokenizer.eos_token_id:
+                row = row[:-1]
+            responses.append(row or [tokenizer.eos_token_id])
         groups.append((prompt_ids, responses))
     return groups
 
 
-def evaluate(model, tokenizer, prompts: list[str], config: Config, step: int) -> float:
+def scored(model, tokenizer, prompts: list[Any], n: int, config: Config, reward, what: str):
+    """Sampled groups with their rewards: ``[(prompt_ids, responses, rewards)]``."""
+    groups = sample(model, tokenizer, prompts, n, config)
+    flat_prompts = [p for p, (_, responses) in zip(prompts, groups) for _ in responses]
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for _, rs in groups for r in rs]
+    try:
+        values = checked_rewards(reward, flat_prompts, texts, what)
+    except RewardError as err:
+        raise UserError(f"{err} (no step was taken with it)") from None
+    out, at = [], 0
+    for prompt_ids, responses in groups:
+        out.append((prompt_ids, responses, values[at : at + len(responses)]))
+        at += len(responses)
+    return out
+
+
+def evaluate(model, tokenizer, prompts: list[Any], config: Config, step: int, reward) -> float:
     """Mean reward of 4 sampled responses for each held-out prompt.
 
     Sampled with its own seed: an evaluation never changes the training that follows, so
@@ -232,13 +299,49 @@ def evaluate(model, tokenizer, prompts: list[str], config: Config, step: int) ->
     """
     with torch.random.fork_rng():
         torch.manual_seed(config.seed * 100_003 + step)
-        groups = sample(model, tokenizer, prompts, 4, config.response_tokens)
-    rewards = [
-        copy_task_reward(p, tokenizer.decode(r, skip_special_tokens=True), config.response_tokens)
-        for p, (_, responses) in zip(prompts, groups)
-        for r in responses
-    ]
+        groups = scored(model, tokenizer, prompts, 4, config, reward, "the reward (held out)")
+    rewards = [r for _, _, rs in groups for r in rs]
     return sum(rewards) / len(rewards)
+
+
+def task(config: Config, tokenizer) -> tuple[list[Any], list[Any], Any, str]:
+    """Training prompts, held-out prompts, the reward function and its name."""
+    try:
+        if config.prompts is None:  # the built-in copy task
+            train, heldout = copy_task_prompts(config.seed)
+
+            def copy_reward(prompts, responses):
+                return [
+                    copy_task_reward(p, r, config.max_new_tokens)
+                    for p, r in zip(prompts, responses)
+                ]
+
+            return train, heldout, copy_reward, "the built-in reward"
+        train = read_prompts(config.prompts)
+        heldout = read_prompts(config.eval_prompts, "--eval-prompts") if config.eval_prompts else []
+        if config.reward:
+            return train, heldout, load_reward(config.reward), f"--reward {config.reward}"
+        return (
+            train,
+            heldout,
+            RewardModel(config.reward_model),
+            f"--reward-model {config.reward_model}",
+        )
+    except RewardError as err:
+        raise UserError(str(err)) from None
+
+
+def refuse_unknown_text(tokenizer, texts: list[str], flag: str) -> None:
+    """With the built-in tokenizer, refuse text that is mostly unknown words to it."""
+    unk = tokenizer.unk_token_id
+    ids = [i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    share = sum(i == unk for i in ids) / max(len(ids), 1)
+    if share > 0.5:
+        raise UserError(
+            f"{flag}: {share:.0%} of this text is unknown to the built-in tokenizer (a toy "
+            "vocabulary of 12 words): training on it would learn <unk>. Pass --model DIR, a "
+            "Hugging Face model with its own tokenizer"
+        )
 
 
 def run(config: Config) -> list[dict[str, Any]]:
@@ -278,8 +381,20 @@ def run(config: Config) -> list[dict[str, Any]]:
     collator = PreferenceCollator(tokenizer, max_length=config.max_length) if rows else None
     if rows:
         check_lengths(rows, places, collator, config.max_length)
+    train_prompts, heldout, reward, what = (
+        task(config, tokenizer) if rows is None else ([], [], None, "")
+    )
+    if config.model is None and (rows or config.prompts):
+        texts = [
+            r["prompt"] + "".join(r["responses"])
+            for r in map(preference_row, rows or [])
+            if isinstance(r["prompt"], str)
+        ]
+        texts += (
+            [p for p in train_prompts + heldout if isinstance(p, str)] if config.prompts else []
+        )
+        refuse_unknown_text(tokenizer, texts, "--data" if rows else "--prompts")
     out.mkdir(parents=True, exist_ok=True)
-    train_prompts, heldout = copy_task_prompts(config.seed)
     progress = _progress(config, start)
     model.train()
     stop = _StopOnInterrupt()
@@ -287,22 +402,19 @@ def run(config: Config) -> list[dict[str, Any]]:
         for step in range(start, config.steps):
             record: dict[str, Any] = {"step": step + 1}
             if rows is None:
-                if step == 0:
-                    record["heldout_reward_start"] = evaluate(model, tokenizer, heldout, config, 0)
-                prompts = [picker.choice(train_prompts) for _ in range(config.prompts)]
-                groups = sample(model, tokenizer, prompts, config.responses, config.response_tokens)
-                scored = []
-                for prompt, (prompt_ids, responses) in zip(prompts, groups):
-                    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-                    rewards = [copy_task_reward(prompt, t, config.response_tokens) for t in texts]
-                    scored.append((prompt_ids, responses, rewards))
+                if step == 0 and heldout:
+                    record["heldout_reward_start"] = evaluate(
+                        model, tokenizer, heldout, config, 0, reward
+                    )
+                prompts = [picker.choice(train_prompts) for _ in range(config.prompts_per_step)]
+                groups = scored(model, tokenizer, prompts, config.responses, config, reward, what)
                 batch = {
                     k: torch.from_numpy(v)
-                    for k, v in collate_ids(scored, tokenizer.pad_token_id).items()
+                    for k, v in collate_ids(groups, tokenizer.pad_token_id).items()
                 }
                 record["reward"] = float(batch["rewards"][batch["mask"]].mean())
             else:
-                batch = collator([picker.choice(rows) for _ in range(config.prompts)])
+                batch = collator([picker.choice(rows) for _ in range(config.prompts_per_step)])
             loss, metrics, _ = loss_and_metrics(
                 model, batch, ref_model=reference, loss=config.loss, pairs=config.pairs, **options
             )
@@ -317,8 +429,10 @@ def run(config: Config) -> list[dict[str, Any]]:
             record["loss"] = loss.item()
             record.update({k: float(v) for k, v in metrics.items()})
             last = step + 1 == config.steps
-            if rows is None and ((step + 1) % config.eval_every == 0 or last):
-                record["heldout_reward"] = evaluate(model, tokenizer, heldout, config, step + 1)
+            if heldout and ((step + 1) % config.eval_every == 0 or last):
+                record["heldout_reward"] = evaluate(
+                    model, tokenizer, heldout, config, step + 1, reward
+                )
             records.append(record)
             progress.update(record)
             if (step + 1) % config.save_every == 0 or last or stop.asked:
