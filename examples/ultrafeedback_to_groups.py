@@ -8,7 +8,9 @@ with the rest instead of keeping only one pair, as the binarised dataset does.
 
     python examples/ultrafeedback_to_groups.py --output groups.jsonl            # built-in sample
     python examples/ultrafeedback_to_groups.py --input raw.jsonl --output groups.jsonl
-    prefopt train --data groups.jsonl --steps 20
+    prefopt train --data groups.jsonl --model ./your-model --steps 20
+
+(``--model``: the built-in model's toy tokenizer knows 12 words, and refuses this text.)
 """
 
 import argparse

@@ -47,6 +47,11 @@ def test_flax_group_forward_equals_unshared_and_trains():
     assert len(probes) == 3 and probes[-1] > probes[0]
 
 
+def test_on_policy_with_your_own_model_prompts_and_reward():
+    out = run(EXAMPLES / "on_policy_own_reward.py", "--steps", "2")
+    assert "2 steps; held-out reward" in out
+
+
 def test_ultrafeedback_to_groups_then_train(tmp_path):
     groups = tmp_path / "groups.jsonl"
     assert "wrote 2 group rows (0 skipped)" in run(
@@ -55,6 +60,27 @@ def test_ultrafeedback_to_groups_then_train(tmp_path):
     rows = [json.loads(line) for line in groups.read_text().splitlines()]
     assert [len(r["responses"]) for r in rows] == [4, 4]
     assert rows[0]["rewards"] == pytest.approx([0.9, 0.2, 0.85, 0.1])
-    out = run("-m", "prefopt.cli", "train", "--data", groups, "--steps", "2", "--no-progress",
-              "--output", tmp_path / "run")  # fmt: skip
+    # the built-in tokenizer does not know these words: refused, not trained on <unk>
+    bad = subprocess.run(
+        [sys.executable, "-m", "prefopt.cli", "train", "--data", str(groups), "--steps", "2",
+         "--no-progress", "--output", str(tmp_path / "unk")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "Pass --model DIR" in bad.stderr, bad.stderr
+    # with a model whose tokenizer knows them (built here from the rows' words), it trains
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = {w for r in rows for t in [r["prompt"], *r["responses"]] for w in t.split()}
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *sorted(words)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                  unk_token="<unk>")  # fmt: skip
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    out = run("-m", "prefopt.cli", "train", "--data", groups, "--model", tmp_path / "model",
+              "--steps", "2", "--no-progress", "--output", tmp_path / "run")  # fmt: skip
     assert "done: 2 steps" in out
