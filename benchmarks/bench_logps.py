@@ -19,19 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
+
+from _measure import measure, rss_mib, table
 
 MODES = {
     "torch": ("naive", "token_logps", "fused"),
     "jax": ("naive", "fused"),
 }
-
-
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def torch_worker(args) -> dict:
@@ -65,24 +62,7 @@ def torch_worker(args) -> dict:
         hidden.grad = weight.grad = None
         return loss.item()
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-    else:
-        base = rss_mib()
-    times = []
-    for _ in range(args.repeats + 1):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else rss_mib()
-    return {"base": base, "peak": peak, "time": min(times[1:])}
+    return measure(step, dev, args.repeats)
 
 
 def jax_worker(args) -> dict:
@@ -157,20 +137,12 @@ def main():
                 check=True,
             )
             results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    unit = "MiB (CUDA allocated)" if args.device != "cpu" else "MiB (max RSS)"
     print(
         f"{args.framework} {args.device} {args.dtype}: {args.rows} x {args.seq} tokens, "
         f"hidden {args.hidden}, vocab {args.vocab}, chunk {args.chunk}; "
         f"best of {args.repeats} (+1 warm-up) x {args.rounds} rounds"
     )
-    print(f"{'path':12} {'peak ' + unit:>26} {'growth':>10} {'time s':>9}")
-    summary = {}
-    for mode, runs in results.items():
-        peak = max(r["peak"] for r in runs)
-        growth = max(r["peak"] - r["base"] for r in runs)
-        best = min(r["time"] for r in runs)
-        summary[mode] = (peak, growth, best)
-        print(f"{mode:12} {peak:26.0f} {growth:10.0f} {best:9.3f}")
+    summary = table(results, args.device)
     naive = summary["naive"]
     for mode, (peak, growth, best) in summary.items():
         if mode != "naive":

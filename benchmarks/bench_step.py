@@ -24,14 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
-import time
 
-
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+from _measure import measure, table
 
 
 def tokenizer(vocab: int):
@@ -133,24 +129,7 @@ def worker(args) -> dict:
             loss.backward()
             model.zero_grad(set_to_none=True)
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-    else:
-        base = rss_mib()
-    times = []
-    for _ in range(args.repeats + 1):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else rss_mib()
-    return {"base": base, "peak": peak, "time": min(times[1:])}
+    return measure(step, dev, args.repeats)
 
 
 def main():
@@ -193,20 +172,12 @@ def main():
             if out.returncode:
                 sys.exit(f"{mode} worker failed:\n{out.stderr[-3000:]}")
             results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    unit = "MiB (CUDA allocated)" if args.device != "cpu" else "MiB (max RSS)"
     print(
         f"{args.device} {args.dtype}: Llama H {args.hidden}, {args.layers} layers, V {args.vocab}; "
         f"B {args.groups} x n {args.n}, prompt {args.prompt}, responses {args.response}; "
         f"best of {args.repeats} (+1 warm-up) x {args.rounds} rounds"
     )
-    print(f"{'path':10} {'peak ' + unit:>26} {'growth':>10} {'time s':>9}")
-    summary = {}
-    for mode, runs in results.items():
-        peak = max(r["peak"] for r in runs)
-        growth = max(r["peak"] - r["base"] for r in runs)
-        best = min(r["time"] for r in runs)
-        summary[mode] = (peak, growth, best)
-        print(f"{mode:10} {peak:26.0f} {growth:10.0f} {best:9.3f}")
+    summary = table(results, args.device, width=10)
     (_, g0, t0), (_, g1, t1) = summary[modes[0]], summary[modes[1]]
     print(
         f"{modes[1]} / {modes[0]}: time {t1 / t0:.2f}, peak memory growth {g1 / max(g0, 1e-9):.2f}"

@@ -34,3 +34,14 @@ def check_result(backend, out, shape, dtype):
     assert tuple(out.shape) == shape
     expect = "float32" if dtype in ("bfloat16", "float16") else dtype
     assert out.dtype == backend.dtype(expect), (out.dtype, expect)
+
+
+def cli_fails(capsys, *args):
+    """Run ``prefopt train ARGS`` (2 steps); return its one-line error (status 2 asserted)."""
+    from prefopt.cli import main
+
+    status = main(["train", "--no-progress", "--steps", "2", *map(str, args)])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.count("\n") == 1 and err.startswith("prefopt train: error: "), err
+    return err

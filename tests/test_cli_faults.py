@@ -13,17 +13,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from prefopt.cli import main  # noqa: E402
+from tests.helpers import cli_fails  # noqa: E402
 
 ROW = {"prompt": "copy: a", "responses": [" a a", " b"], "rewards": [1.0, 0.0]}
-
-
-def fails(capsys, *args):
-    """Run ``prefopt train ARGS``; return its one-line error (exit status 2 asserted)."""
-    status = main(["train", "--no-progress", "--steps", "2", *map(str, args)])
-    err = capsys.readouterr().err
-    assert status == 2, err
-    assert err.count("\n") == 1 and err.startswith("prefopt train: error: "), err
-    return err
 
 
 def write(path, *lines, raw=None):
@@ -50,7 +42,7 @@ def test_bad_data_is_one_line_naming_file_and_line(tmp_path, capsys, content, me
         write(data, raw=content)
     else:
         write(data, content)
-    err = fails(capsys, "--data", data, "--output", tmp_path / "run")
+    err = cli_fails(capsys, "--data", data, "--output", tmp_path / "run")
     assert f"{data}{message}" in err
     assert not (tmp_path / "run").exists()  # nothing was written
 
@@ -66,15 +58,14 @@ def test_bad_data_is_one_line_naming_file_and_line(tmp_path, capsys, content, me
 )
 def test_option_values_are_checked_before_the_model_loads(tmp_path, capsys, args, message):
     # --model names a directory that does not exist: an error about it would mean it loaded
-    err = fails(capsys, *args, "--model", tmp_path / "absent", "--output", tmp_path / "run")
+    err = cli_fails(capsys, *args, "--model", tmp_path / "absent", "--output", tmp_path / "run")
     assert message in err
 
 
 def test_output_naming_a_file_is_refused(tmp_path, capsys):
     target = write(tmp_path / "notes.txt", "keep me")
-    assert "--output" in fails(capsys, "--output", target) and "a file, not a directory" in fails(
-        capsys, "--output", target
-    )
+    err = cli_fails(capsys, "--output", target)
+    assert "--output" in err and "a file, not a directory" in err
     assert target.read_text() == "keep me\n"
 
 
@@ -82,7 +73,7 @@ def test_an_existing_run_is_never_overwritten_without_asking(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--no-progress", "--steps", "2", "--output", str(out)]) == 0
     before = (out / "metrics.jsonl").read_text()
-    err = fails(capsys, "--steps", "1", "--output", out)
+    err = cli_fails(capsys, "--steps", "1", "--output", out)
     assert "holds a run already: --resume continues it, --overwrite replaces it" in err
     assert (out / "metrics.jsonl").read_text() == before
     capsys.readouterr()
@@ -90,10 +81,10 @@ def test_an_existing_run_is_never_overwritten_without_asking(tmp_path, capsys):
         main(["train", "--no-progress", "--steps", "1", "--overwrite", "--output", str(out)]) == 0
     )
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
-    err = fails(capsys, "--resume", "--loss", "simpo", "--output", out)
+    err = cli_fails(capsys, "--resume", "--loss", "simpo", "--output", out)
     assert "--resume: the run was made with other settings (loss 'mpo' -> 'simpo')" in err
     (out / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
-    err = fails(capsys, "--resume", "--output", out)
+    err = cli_fails(capsys, "--resume", "--output", out)
     assert "--resume: " in err and "is not a readable checkpoint" in err
 
 

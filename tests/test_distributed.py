@@ -12,28 +12,32 @@ import pytest
 SCRIPTS = pathlib.Path(__file__).parent / "scripts"
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(script, port, *args):
+    """The command that runs ``script ARGS`` in 2 processes (gloo on CPU)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(port), str(script), *map(str, args),
+    ]  # fmt: skip
+
+
+def one_and_two_processes(torch, tmp_path, script, port, one_args=(), two_args=()):
+    """Run ``script`` alone and in 2 processes; both saved results."""
+    one = [sys.executable, str(script), *map(str, one_args), "--out", str(tmp_path / "one")]
+    two = torchrun(script, port, *two_args, "--out", tmp_path / "two")
+    for cmd in (one, two):
+        out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    return torch.load(tmp_path / "one" / "result.pt"), torch.load(tmp_path / "two" / "result.pt")
+
+
 def test_torchrun_two_processes_match_one_process(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = [
-        sys.executable,
-        str(SCRIPTS / "trainer_run.py"),
-        "--batch",
-        "4",
-        "--out",
-        str(tmp_path / "one"),
-    ]
-    two = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", "29517", str(SCRIPTS / "trainer_run.py"),
-        "--batch", "2", "--out", str(tmp_path / "two"),
-    ]  # fmt: skip
-    for cmd in (one, two):
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-    a = torch.load(tmp_path / "one" / "result.pt")
-    b = torch.load(tmp_path / "two" / "result.pt")
+    script = SCRIPTS / "trainer_run.py"
+    a, b = one_and_two_processes(torch, tmp_path, script, 29517, ("--batch", 4), ("--batch", 2))
     assert (a["world"], b["world"]) == (1, 2)
     assert len(a["losses"]) == 3
     # same global batch of whole groups: same logged losses, same parameters
@@ -42,9 +46,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     )
     torch.testing.assert_close(b["params"], a["params"], rtol=1e-5, atol=1e-7)
     # FSDP asked for through the Trainer on CPU: accelerate would quietly run DDP instead
-    fsdp = [*two[:-2], "--fsdp", *two[-2:]]
-    fsdp[fsdp.index("29517")] = "29519"
-    out = subprocess.run(fsdp, capture_output=True, text=True, env=env, timeout=300)
+    fsdp = torchrun(script, 29519, "--batch", 2, "--fsdp", "--out", tmp_path / "fsdp")
+    out = subprocess.run(fsdp, capture_output=True, text=True, env=ENV, timeout=300)
     assert out.returncode != 0
     assert "args.fsdp is set but accelerate did not enable FSDP" in out.stderr
 
@@ -54,18 +57,7 @@ def test_fsdp_two_processes_match_one_process(tmp_path):
     # parameters, each process half of every batch, the same steps as one process.
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    script = str(SCRIPTS / "fsdp_run.py")
-    one = [sys.executable, script, "--out", str(tmp_path / "one")]
-    two = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", "29518", script, "--out", str(tmp_path / "two"),
-    ]  # fmt: skip
-    for cmd in (one, two):
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-    a = torch.load(tmp_path / "one" / "result.pt")
-    b = torch.load(tmp_path / "two" / "result.pt")
+    a, b = one_and_two_processes(torch, tmp_path, SCRIPTS / "fsdp_run.py", 29518)
     assert (a["world"], a["sharded"], b["world"], b["sharded"]) == (1, False, 2, True)
     torch.testing.assert_close(
         torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=1e-6, atol=0

@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 from prefopt.cli import main  # noqa: E402
 from prefopt.cli.task import builtin_model, builtin_tokenizer  # noqa: E402
 from prefopt.cli.train import Config, run  # noqa: E402
+from tests.helpers import cli_fails  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -137,14 +138,6 @@ def scorer_model(path):
     return transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
 
 
-def fails(capsys, *args):
-    status = main(["train", "--no-progress", "--steps", "2", *map(str, args)])
-    err = capsys.readouterr().err
-    assert status == 2, err
-    assert err.count("\n") == 1 and err.startswith("prefopt train: error: "), err
-    return err
-
-
 @pytest.mark.parametrize(
     "reward,message",
     [
@@ -159,7 +152,7 @@ def fails(capsys, *args):
 )
 def test_reward_errors_are_one_line_and_take_no_step(files, tmp_path, capsys, reward, message):
     out = tmp_path / "bad"
-    err = fails(capsys, "--model", files / "model", "--prompts", files / "prompts.jsonl",
+    err = cli_fails(capsys, "--model", files / "model", "--prompts", files / "prompts.jsonl",
                 "--reward", reward.format(files=files), "--responses", "3",
                 "--prompts-per-step", "2", "--output", out)  # fmt: skip
     assert message in err
@@ -179,5 +172,5 @@ def test_reward_errors_are_one_line_and_take_no_step(files, tmp_path, capsys, re
     ],
 )  # fmt: skip
 def test_bad_combinations_are_one_line_errors(files, tmp_path, capsys, args, message):
-    err = fails(capsys, *[a.format(files=files) for a in args], "--output", tmp_path / "x")
+    err = cli_fails(capsys, *[a.format(files=files) for a in args], "--output", tmp_path / "x")
     assert message in err

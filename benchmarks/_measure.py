@@ -1,0 +1,55 @@
+"""What the benchmarks share: one worker's measurement, and the table of several workers."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+
+def rss_mib() -> float:
+    """The process's peak resident set in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(step, device, repeats: int) -> dict:
+    """Best time of ``repeats`` calls of ``step`` after a warm-up, and memory base and peak.
+
+    Memory: CUDA allocated on a GPU, else the peak resident set; ``base`` is taken when the
+    inputs exist, so ``peak - base`` is what the steps added.
+    """
+    import torch
+
+    cuda = getattr(device, "type", device) == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = rss_mib()
+    times = []
+    for _ in range(repeats + 1):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mib()
+    return {"base": base, "peak": peak, "time": min(times[1:])}
+
+
+def table(results: dict, device: str, width: int = 12) -> dict:
+    """Print one row per path (worst peak and growth, best time over rounds); return them."""
+    unit = "MiB (CUDA allocated)" if device != "cpu" else "MiB (max RSS)"
+    print(f"{'path':{width}} {'peak ' + unit:>26} {'growth':>10} {'time s':>9}")
+    summary = {}
+    for mode, runs in results.items():
+        peak = max(r["peak"] for r in runs)
+        growth = max(r["peak"] - r["base"] for r in runs)
+        best = min(r["time"] for r in runs)
+        summary[mode] = (peak, growth, best)
+        print(f"{mode:{width}} {peak:26.0f} {growth:10.0f} {best:9.3f}")
+    return summary
