@@ -48,6 +48,8 @@ def test_flax_group_forward_equals_unshared_and_trains():
 
 
 def test_on_policy_with_your_own_model_prompts_and_reward():
+    pytest.importorskip("transformers")  # prefopt.cli's training stack, imported inside
+    pytest.importorskip("torch")
     out = run(EXAMPLES / "on_policy_own_reward.py", "--steps", "2")
     assert "2 steps; held-out reward" in out
 
@@ -61,6 +63,8 @@ def test_ultrafeedback_to_groups_then_train(tmp_path):
     assert [len(r["responses"]) for r in rows] == [4, 4]
     assert rows[0]["rewards"] == pytest.approx([0.9, 0.2, 0.85, 0.1])
     # the built-in tokenizer does not know these words: refused, not trained on <unk>
+    pytest.importorskip("transformers")
+    pytest.importorskip("torch")
     bad = subprocess.run(
         [sys.executable, "-m", "prefopt.cli", "train", "--data", str(groups), "--steps", "2",
          "--no-progress", "--output", str(tmp_path / "unk")],
