@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import resource
+import subprocess
+import sys
 import time
 
 
@@ -53,3 +56,18 @@ def table(results: dict, device: str, width: int = 12) -> dict:
         summary[mode] = (peak, growth, best)
         print(f"{mode:{width}} {peak:26.0f} {growth:10.0f} {best:9.3f}")
     return summary
+
+
+def rounds(script: str, argv: list[str], modes, count: int) -> dict:
+    """Each mode's worker (``script ARGV --mode=MODE``) in its own process, modes alternating
+    over ``count`` rounds so that a noisy neighbour slows all alike; their measurements."""
+    results = {mode: [] for mode in modes}
+    for _ in range(count):
+        for mode in modes:
+            out = subprocess.run(
+                [sys.executable, script, *argv, f"--mode={mode}"], capture_output=True, text=True
+            )
+            if out.returncode:
+                sys.exit(f"{mode} worker failed:\n{out.stderr[-3000:]}")
+            results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return results

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 
-from _measure import measure, rss_mib, table
+from _measure import measure, rounds, rss_mib, table
 
 MODES = {
     "torch": ("naive", "token_logps", "fused"),
@@ -123,20 +122,11 @@ def main():
         worker = torch_worker if args.framework == "torch" else jax_worker
         print(json.dumps(worker(args)))
         return
-    results = {mode: [] for mode in MODES[args.framework]}
     argv = [a for a in sys.argv[1:] if a != "--quick"]
     if args.quick:
         argv += ["--rows", "4", "--seq", "64", "--hidden", "32", "--vocab", "1000"]
         argv += ["--chunk", "64", "--repeats", "1"]
-    for _ in range(args.rounds):
-        for mode in results:
-            out = subprocess.run(
-                [sys.executable, __file__, *argv, "--mode", mode],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = rounds(__file__, argv, MODES[args.framework], args.rounds)
     print(
         f"{args.framework} {args.device} {args.dtype}: {args.rows} x {args.seq} tokens, "
         f"hidden {args.hidden}, vocab {args.vocab}, chunk {args.chunk}; "

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 
-from _measure import measure, table
+from _measure import measure, rounds, table
 
 
 def tokenizer(vocab: int):
@@ -161,17 +159,7 @@ def main():
         return
     modes = ("trl", "prefopt") if args.pairs else ("unshared", "shared")
     argv = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("quick", "pairs", "mode")]
-    results = {mode: [] for mode in modes}
-    for _ in range(args.rounds):
-        for mode in modes:
-            out = subprocess.run(
-                [sys.executable, __file__, *argv, f"--mode={mode}"],
-                capture_output=True,
-                text=True,
-            )
-            if out.returncode:
-                sys.exit(f"{mode} worker failed:\n{out.stderr[-3000:]}")
-            results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = rounds(__file__, argv, modes, args.rounds)
     print(
         f"{args.device} {args.dtype}: Llama H {args.hidden}, {args.layers} layers, V {args.vocab}; "
         f"B {args.groups} x n {args.n}, prompt {args.prompt}, responses {args.response}; "

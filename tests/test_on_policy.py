@@ -56,6 +56,7 @@ def files(tmp_path_factory):
     )
     (root / "rewards.py").write_text(REWARDS)
     (root / "english.jsonl").write_text(json.dumps({"prompt": "Explain how DNS works."}) + "\n")
+    (root / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9"}\n')
     return root
 
 
@@ -169,6 +170,8 @@ def test_reward_errors_are_one_line_and_take_no_step(files, tmp_path, capsys, re
         (["--prompts", "{files}/english.jsonl", "--reward", "{files}/rewards.py:score"],
          "unknown to the built-in tokenizer"),
         (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--prompts", "{files}/latin1.jsonl", "--reward", "{files}/rewards.py:score"],
+         "latin1.jsonl:1: not UTF-8 text"),
     ],
 )  # fmt: skip
 def test_bad_combinations_are_one_line_errors(files, tmp_path, capsys, args, message):

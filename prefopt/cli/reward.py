@@ -19,7 +19,7 @@ from typing import Any
 
 
 class RewardError(Exception):
-    """A reward that cannot be loaded or gives unusable values (a one-line message)."""
+    """A reward, or a prompts or data file, that cannot be used (a one-line message)."""
 
 
 def load_reward(spec: str) -> Callable:
@@ -131,26 +131,43 @@ class RewardModel:
         return scores
 
 
-def read_prompts(path: str, flag: str = "--prompts") -> list[Any]:
-    """Prompts from a JSONL file of ``{"prompt": str}`` or ``{"prompt": [messages]}`` rows."""
+def jsonl(path: str, flag: str):
+    """``(where, value)`` for each non-blank line of a JSONL file, ``where`` = ``file:line``.
+
+    A missing file, a line that is not UTF-8 text or not JSON: a ``RewardError`` naming
+    the file and the line (``prefopt train`` reports it in one line).
+    """
     file = Path(path)
     if not file.is_file():
         raise RewardError(f"{flag}: no such file: {path}")
+    with file.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise RewardError(
+                    f"{where}: not UTF-8 text ({err.reason} at byte {err.start})"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise RewardError(f"{where}: not valid JSON ({err.msg})") from None
+
+
+def read_prompts(path: str, flag: str = "--prompts") -> list[Any]:
+    """Prompts from a JSONL file of ``{"prompt": str}`` or ``{"prompt": [messages]}`` rows."""
     prompts = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise RewardError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    for where, row in jsonl(path, flag):
         prompt = row.get("prompt") if isinstance(row, dict) else None
         chat = isinstance(prompt, list) and all(
             isinstance(m, dict) and "role" in m and "content" in m for m in prompt
         )
         if not (isinstance(prompt, str) and prompt) and not (chat and prompt):
             raise RewardError(
-                f"{path}:{number}: a row needs 'prompt': a string or a list of "
+                f"{where}: a row needs 'prompt': a string or a list of "
                 "{'role', 'content'} messages"
             )
         prompts.append(prompt)

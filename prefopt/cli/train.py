@@ -26,6 +26,7 @@ from prefopt.cli.reward import (
     RewardError,
     RewardModel,
     checked_rewards,
+    jsonl,
     load_reward,
     read_prompts,
 )
@@ -113,31 +114,14 @@ def read_rows(path: str) -> tuple[list[dict[str, Any]], list[str]]:
     Errors name the file and the line: a line that is not UTF-8 text or not JSON, a row
     that is not a group or pair row, rewards or ``ref_logps`` that are not finite numbers.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"--data: no such file: {path}")
     rows, places = [], []
-    with file.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise UserError(
-                    f"{where}: not UTF-8 text ({err.reason} at byte {err.start})"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{where}: not valid JSON ({err.msg})") from None
-            try:
-                preference_row(row, where)
-            except ValueError as err:
-                raise UserError(str(err)) from None
+    try:
+        for where, row in jsonl(path, "--data"):
+            preference_row(row, where)
             rows.append(row)
             places.append(where)
+    except (RewardError, ValueError) as err:
+        raise UserError(str(err)) from None
     if not rows:
         raise UserError(f"{path}: no rows")
     return rows, places

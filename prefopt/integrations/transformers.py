@@ -26,7 +26,9 @@ import prefopt
 import prefopt.layout
 from prefopt.backends.torch import fused_linear_logps
 from prefopt.integrations.data import (
+    IGNORE,
     Truncation,
+    _warn_once,
     collate_ids,
     group_loss_and_metrics,
     tokenize_row,
@@ -193,7 +195,6 @@ def batch_logps(
     return logps.reshape(B, n), lengths.to(token.dtype)
 
 
-IGNORE = -100
 # Rows per output-layer chunk: about 8M logits (32 MiB in float32) whatever the vocabulary.
 _CHUNK_ELEMENTS = 2**23
 _SOFTCAPS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
@@ -226,20 +227,14 @@ def _check_fused(inner: Any) -> bool:
     return True
 
 
-_WARNED: set[str] = set()
-
-
 def _shared_layout(inner, ids, is_label, attention, lengths):
     """The packed layout of the batch's groups, or ``None`` when they cannot share."""
     impl = getattr(getattr(inner, "config", None), "_attn_implementation", None)
     if impl not in ("sdpa", "eager"):
-        if impl not in _WARNED:
-            _WARNED.add(impl)
-            warnings.warn(
-                f"batch_logps: share_prefix needs 'sdpa' or 'eager' attention (4D masks); "
-                f"this model uses {impl!r}, so groups run unshared",
-                stacklevel=3,
-            )
+        _warn_once(
+            f"batch_logps: share_prefix needs 'sdpa' or 'eager' attention (4D masks); "
+            f"this model uses {impl!r}, so groups run unshared"
+        )
         return None
     T = ids.shape[-1]
     starts = is_label.long().argmax(-1)  # (B, n): prompt length of each response's row
