@@ -55,7 +55,17 @@ def pair_metrics(
         >>> {k: float(v) for k, v in m.items()}["rewards/accuracies"]
         0.5
     """
-    p = pair_inputs("pair_metrics", locals())
+    p = pair_inputs(
+        "pair_metrics",
+        dict(
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            beta=beta,
+            xp=xp,
+        ),
+    )
     xp = p.xp
     rw, rl = stop_gradient(p.beta * p.hw, xp=xp), stop_gradient(p.beta * p.hl, xp=xp)
     return {
@@ -114,7 +124,20 @@ def group_metrics(
     References:
         Gupta et al., "Multi-Preference Optimization", arXiv:2412.04628.
     """
-    g = group_inputs("group_metrics", locals())
+    g = group_inputs(
+        "group_metrics",
+        dict(
+            logps=logps,
+            ref_logps=ref_logps,
+            rewards=rewards,
+            mask=mask,
+            chosen=chosen,
+            lengths=lengths,
+            beta=beta,
+            check_values=check_values,
+            xp=xp,
+        ),
+    )
     xp, s = g.xp, stop_gradient(g.scores, xp=g.xp)
     groups = split(g, g.chosen)
     counted = groups.counted

@@ -1,9 +1,11 @@
 """The inputs of a loss, checked and prepared: the pair, group and unpaired layouts side by side.
 
-Each loss opens with one call, ``pair_inputs(fn, locals())``, ``group_inputs(...)`` or
-``unpaired_inputs(...)``, that takes the loss's own arguments, checks shapes, dtypes and
-options, and returns a small named structure: the namespace, the log-ratios (or scores) in
-the compute dtype, and the checked ``beta``. The loss's body is then its formula.
+Each loss opens with one call, ``pair_inputs(fn, dict(...))``, ``group_inputs(...)`` or
+``unpaired_inputs(...)``, that takes a dict of the loss's own arguments, checks shapes,
+dtypes and options, and returns a small named structure: the namespace, the log-ratios (or
+scores) in the compute dtype, and the checked ``beta``. The loss's body is then its formula.
+The dict is spelled out, not ``locals()``: ``torch.compile(fullgraph=True)`` on torch 2.11
+cannot trace ``locals()`` (torch 2.13 can).
 
 Shapes, ranks, dtypes and options are checked on every call, traced or not (they are
 static). Values (finite rewards, positive lengths) follow ``check_values``; see
@@ -63,7 +65,7 @@ class Pair(NamedTuple):
 
 
 def pair_inputs(fn: str, args: Mapping[str, Any], *, lengths: str = "optional") -> Pair:
-    """Check a pairwise loss's arguments (``locals()`` at its first line); return a ``Pair``.
+    """Check a pairwise loss's arguments (a dict of all of them); return a ``Pair``.
 
     Args:
         fn: The loss's name, for errors.
@@ -213,7 +215,7 @@ class Group(NamedTuple):
 
 
 def group_inputs(fn: str, args: Mapping[str, Any]) -> Group:
-    """Check a group loss's arguments (``locals()`` at its first line); return a ``Group``.
+    """Check a group loss's arguments (a dict of all of them); return a ``Group``.
 
     Args:
         fn: The loss's name, for errors.
@@ -386,7 +388,7 @@ class Unpaired(NamedTuple):
 
 
 def unpaired_inputs(fn: str, args: Mapping[str, Any]) -> Unpaired:
-    """Check an unpaired loss's arguments (``locals()`` at its first line); return ``Unpaired``."""
+    """Check an unpaired loss's arguments (a dict of all of them); return ``Unpaired``."""
     check_options(fn, args)
     logps, ref_logps = args["logps"], args["ref_logps"]
     xp = get_namespace(logps, ref_logps, args.get("desirable"), xp=args.get("xp"), fn=fn)

@@ -83,7 +83,20 @@ def dpo_loss(
         ...                  np.array([-8.0]), beta=0.5)
         array([0.31326169])
     """
-    p = pair_inputs("dpo_loss", locals())
+    p = pair_inputs(
+        "dpo_loss",
+        dict(
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            f_divergence=f_divergence,
+            f_alpha=f_alpha,
+            xp=xp,
+        ),
+    )
     return smoothed_sigmoid_loss(p.beta * (p.hw - p.hl), label_smoothing, p.xp)
 
 
@@ -132,7 +145,20 @@ def robust_dpo_loss(
         Chowdhury et al., "Provably Robust DPO: Aligning Language Models with Noisy
         Feedback", ICML 2024, arXiv:2403.00409.
     """
-    p = pair_inputs("robust_dpo_loss", locals())
+    p = pair_inputs(
+        "robust_dpo_loss",
+        dict(
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            f_divergence=f_divergence,
+            f_alpha=f_alpha,
+            xp=xp,
+        ),
+    )
     eps = _checks.in_range(
         "robust_dpo_loss", "label_smoothing", label_smoothing, 0.0, 0.5, open_high=True
     )
@@ -190,7 +216,21 @@ def ipo_loss(
         Azar et al., "A General Theoretical Paradigm to Understand Learning from Human
         Preferences", AISTATS 2024, arXiv:2310.12036.
     """
-    p = pair_inputs("ipo_loss", locals())
+    p = pair_inputs(
+        "ipo_loss",
+        dict(
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            beta=beta,
+            f_divergence=f_divergence,
+            f_alpha=f_alpha,
+            xp=xp,
+        ),
+    )
     delta = p.hw - p.hl if p.lw is None else p.hw / p.lw - p.hl / p.ll
     return (delta - 0.5 / p.beta) ** 2
 
@@ -234,7 +274,19 @@ def hinge_loss(
         Zhao et al., "SLiC-HF: Sequence Likelihood Calibration with Human Feedback",
         arXiv:2305.10425.
     """
-    p = pair_inputs("hinge_loss", locals())
+    p = pair_inputs(
+        "hinge_loss",
+        dict(
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            beta=beta,
+            f_divergence=f_divergence,
+            f_alpha=f_alpha,
+            xp=xp,
+        ),
+    )
     z = p.beta * (p.hw - p.hl)
     return p.xp.where(z < 1.0, 1.0 - z, 0.0)  # gradient 0 at z = 1 on every backend
 
@@ -282,7 +334,20 @@ def exo_pair_loss(
         Ji et al., "Towards Efficient Exact Optimization of Language Model Alignment",
         ICML 2024, arXiv:2402.00856.
     """
-    p = pair_inputs("exo_pair_loss", locals())
+    p = pair_inputs(
+        "exo_pair_loss",
+        dict(
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            f_divergence=f_divergence,
+            f_alpha=f_alpha,
+            xp=xp,
+        ),
+    )
     eps = _checks.in_range(
         "exo_pair_loss", "label_smoothing", label_smoothing, 0.0, 0.5, open_low=True
     )
@@ -335,7 +400,19 @@ def nca_pair_loss(
         Chen et al., "Noise Contrastive Alignment of Language Models with Explicit
         Rewards", NeurIPS 2024, arXiv:2402.05369.
     """
-    p = pair_inputs("nca_pair_loss", locals())
+    p = pair_inputs(
+        "nca_pair_loss",
+        dict(
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            beta=beta,
+            f_divergence=f_divergence,
+            f_alpha=f_alpha,
+            xp=xp,
+        ),
+    )
     sw, sl = p.beta * p.hw, p.beta * p.hl
     return (
         0.0
@@ -391,7 +468,20 @@ def bco_pair_loss(
         Jung et al., "Binary Classifier Optimization for Large Language Model Alignment",
         arXiv:2404.04656.
     """
-    p = pair_inputs("bco_pair_loss", locals())
+    p = pair_inputs(
+        "bco_pair_loss",
+        dict(
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            beta=beta,
+            delta=delta,
+            f_divergence=f_divergence,
+            f_alpha=f_alpha,
+            xp=xp,
+        ),
+    )
     if isinstance(delta, (int, float)):
         delta = _checks.finite("bco_pair_loss", "delta", delta)
     return (
@@ -443,7 +533,19 @@ def sppo_hard_loss(
         Wu et al., "Self-Play Preference Optimization for Language Model Alignment",
         arXiv:2405.00675.
     """
-    p = pair_inputs("sppo_hard_loss", locals())
+    p = pair_inputs(
+        "sppo_hard_loss",
+        dict(
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            beta=beta,
+            f_divergence=f_divergence,
+            f_alpha=f_alpha,
+            xp=xp,
+        ),
+    )
     target = 0.5 / p.beta
     return (p.hw - target) ** 2 + (p.hl + target) ** 2
 
@@ -490,7 +592,19 @@ def apo_zero_loss(
         D'Oosterlinck et al., "Anchored Preference Optimization and Contrastive
         Revisions: Addressing Underspecification in Alignment", arXiv:2408.06266.
     """
-    p = pair_inputs("apo_zero_loss", locals())
+    p = pair_inputs(
+        "apo_zero_loss",
+        dict(
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            beta=beta,
+            f_divergence=f_divergence,
+            f_alpha=f_alpha,
+            xp=xp,
+        ),
+    )
     # 1 - sigma(x) = sigma(-x), without the cancellation
     return sigmoid(-p.beta * p.hw, xp=p.xp) + sigmoid(p.beta * p.hl, xp=p.xp)
 
@@ -537,7 +651,19 @@ def apo_down_loss(
         D'Oosterlinck et al., "Anchored Preference Optimization and Contrastive
         Revisions: Addressing Underspecification in Alignment", arXiv:2408.06266.
     """
-    p = pair_inputs("apo_down_loss", locals())
+    p = pair_inputs(
+        "apo_down_loss",
+        dict(
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            beta=beta,
+            f_divergence=f_divergence,
+            f_alpha=f_alpha,
+            xp=xp,
+        ),
+    )
     return sigmoid(p.beta * p.hw, xp=p.xp) + sigmoid(-p.beta * (p.hw - p.hl), xp=p.xp)
 
 
@@ -586,7 +712,20 @@ def discopop_loss(
         Lu et al., "Discovering Preference Optimization Algorithms with and for Large
         Language Models", NeurIPS 2024, arXiv:2406.08414.
     """
-    p = pair_inputs("discopop_loss", locals())
+    p = pair_inputs(
+        "discopop_loss",
+        dict(
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            beta=beta,
+            tau=tau,
+            f_divergence=f_divergence,
+            f_alpha=f_alpha,
+            xp=xp,
+        ),
+    )
     tau = _checks.in_range("discopop_loss", "tau", tau, 0.0, 1.0, open_low=True)
     z = p.beta * (p.hw - p.hl)
     # m * e^-z as one exponent: bounded above for tau <= 1, where e^-z alone overflows
@@ -642,7 +781,20 @@ def aot_unpaired_loss(
         Melnyk et al., "Distributional Preference Alignment of LLMs via Optimal
         Transport", NeurIPS 2024, arXiv:2406.05882.
     """
-    p = pair_inputs("aot_unpaired_loss", locals())
+    p = pair_inputs(
+        "aot_unpaired_loss",
+        dict(
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            f_divergence=f_divergence,
+            f_alpha=f_alpha,
+            xp=xp,
+        ),
+    )
     return smoothed_sigmoid_loss(
         p.beta * (p.xp.sort(p.hw) - p.xp.sort(p.hl)), label_smoothing, p.xp
     )
@@ -694,7 +846,22 @@ def sigmoid_norm_loss(
         Lambert et al., "Tülu 3: Pushing Frontiers in Open Language Model Post-Training",
         arXiv:2411.15124 (length-normalised DPO); DPO: arXiv:2305.18290.
     """
-    p = pair_inputs("sigmoid_norm_loss", locals(), lengths="required")
+    p = pair_inputs(
+        "sigmoid_norm_loss",
+        dict(
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            beta=beta,
+            f_divergence=f_divergence,
+            f_alpha=f_alpha,
+            xp=xp,
+        ),
+        lengths="required",
+    )
     return 0.0 - log_sigmoid(p.beta * (p.hw / p.lw - p.hl / p.ll), xp=p.xp)
 
 
@@ -741,7 +908,18 @@ def aot_loss(
         Transport", NeurIPS 2024, arXiv:2406.05882.
     """
     fn = "aot_loss"
-    check_options(fn, locals())
+    check_options(
+        fn,
+        dict(
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            xp=xp,
+        ),
+    )
     xp, cw, cl, rw, rl = pair_arrays(
         fn, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp
     )

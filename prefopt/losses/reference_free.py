@@ -51,7 +51,20 @@ def simpo_loss(
         Meng et al., "SimPO: Simple Preference Optimization with a Reference-Free Reward",
         NeurIPS 2024, arXiv:2405.14734.
     """
-    p = pair_inputs("simpo_loss", locals(), lengths="required")
+    p = pair_inputs(
+        "simpo_loss",
+        dict(
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            beta=beta,
+            gamma=gamma,
+            label_smoothing=label_smoothing,
+            xp=xp,
+        ),
+        lengths="required",
+    )
     z = p.beta * (p.hw / p.lw - p.hl / p.ll) - gamma
     return smoothed_sigmoid_loss(z, label_smoothing, p.xp)
 
@@ -97,7 +110,19 @@ def cpo_loss(
         Xu et al., "Contrastive Preference Optimization: Pushing the Boundaries of LLM
         Performance in Machine Translation", ICML 2024, arXiv:2401.08417.
     """
-    p = pair_inputs("cpo_loss", locals(), lengths="chosen")
+    p = pair_inputs(
+        "cpo_loss",
+        dict(
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            chosen_lengths=chosen_lengths,
+            beta=beta,
+            cpo_alpha=cpo_alpha,
+            label_smoothing=label_smoothing,
+            xp=xp,
+        ),
+        lengths="chosen",
+    )
     loss = smoothed_sigmoid_loss(p.beta * (p.hw - p.hl), label_smoothing, p.xp)
     if cpo_alpha == 0.0:
         return loss
@@ -149,7 +174,18 @@ def orpo_loss(
         Hong et al., "ORPO: Monolithic Preference Optimization without Reference Model",
         EMNLP 2024, arXiv:2403.07691.
     """
-    p = pair_inputs("orpo_loss", locals(), lengths="required")
+    p = pair_inputs(
+        "orpo_loss",
+        dict(
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            beta=beta,
+            xp=xp,
+        ),
+        lengths="required",
+    )
     aw, al = p.hw / p.lw, p.hl / p.ll
     return 0.0 - aw - p.beta * log_sigmoid(_log_odds(aw, p.xp) - _log_odds(al, p.xp), xp=p.xp)
 

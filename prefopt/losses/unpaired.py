@@ -100,7 +100,19 @@ def kto_loss(
         ICML 2024, arXiv:2402.01306.
     """
     fn = "kto_loss"
-    u = unpaired_inputs(fn, locals())
+    u = unpaired_inputs(
+        fn,
+        dict(
+            logps=logps,
+            ref_logps=ref_logps,
+            desirable=desirable,
+            kl=kl,
+            beta=beta,
+            desirable_weight=desirable_weight,
+            undesirable_weight=undesirable_weight,
+            xp=xp,
+        ),
+    )
     _checks.same_shape(fn, "B", {"logps": logps, "desirable": desirable})
     _checks.boolean(fn, "desirable", desirable, u.xp)
     xp, h = u.xp, u.ratios
