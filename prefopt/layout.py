@@ -22,6 +22,8 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, NamedTuple
 
+from array_api_compat import device
+
 from prefopt._ops import get_namespace
 
 Array = Any
@@ -115,7 +117,8 @@ def group_layout(
         length = int(xp.max(total)) if length is None else length
         max_response = int(xp.max(r)) if max_response is None else max_response
     starts = p[:, None] + xp.cumulative_sum(r, axis=1) - r  # (B, n)
-    j = xp.arange(length, dtype=xp.int64)[None, :]  # (1, L)
+    on = device(p)  # the index grids live where the inputs do (a GPU, say)
+    j = xp.arange(length, dtype=xp.int64, device=on)[None, :]  # (1, L)
     in_prompt = j < p[:, None]
     in_group = j < total[:, None]
     # response of token j: the last one starting at or before j (empty ones share a start)
@@ -126,7 +129,7 @@ def group_layout(
     column = xp.where(in_prompt, j, xp.where(in_group, p[:, None] + offset, 0))
     positions = column
     segments = xp.where(in_prompt, 0, xp.where(in_group, response + 1, -1))
-    k = xp.arange(max(max_response, 1), dtype=xp.int64)[None, None, :]  # (1, 1, R)
+    k = xp.arange(max(max_response, 1), dtype=xp.int64, device=on)[None, None, :]  # (1, 1, R)
     label_positions = xp.where(k == 0, p[:, None, None] - 1, starts[:, :, None] + k - 1)
     label_mask = k < r[:, :, None]
     return GroupLayout(
@@ -161,7 +164,7 @@ def group_attention_mask(segments: Array, *, xp: ModuleType | None = None) -> Ar
     """
     xp = get_namespace(segments, xp=xp)
     L = segments.shape[-1]
-    i = xp.arange(L)
+    i = xp.arange(L, device=device(segments))
     causal = i[:, None] >= i[None, :]
     q, k = segments[:, :, None], segments[:, None, :]
     allowed = causal[None, ...] & (q >= 0) & ((k == 0) | (k == q))

@@ -61,3 +61,15 @@ def test_bad_lengths_are_refused():
         group_layout(np.array([2, 3]), np.array([1, 2]))
     with pytest.raises(ValueError, match="every prompt needs >= 1 token"):
         group_layout(np.array([0]), np.array([[1, 2]]))
+
+
+def test_layout_stays_on_the_inputs_device():
+    # array_api_strict refuses to mix devices, as torch does with cuda and cpu: a grid made
+    # on the default device would raise here (it did on a GPU before the fix).
+    xp = pytest.importorskip("array_api_strict")
+    other = xp.Device("device1")
+    p = xp.asarray([2, 3], dtype=xp.int64, device=other)
+    r = xp.asarray([[2, 1], [0, 4]], dtype=xp.int64, device=other)
+    lay = group_layout(p, r)
+    assert all(v.device == other for v in lay)
+    assert group_attention_mask(lay.segments).device == other
