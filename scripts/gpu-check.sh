@@ -33,10 +33,11 @@ cd "$stage"
 
   echo "== parity suite: torch-cuda and jax-gpu"
   PREFOPT_BACKENDS=torch-cuda,jax-gpu timeout 300 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_dpo.py tests/test_mpo.py tests/test_ops.py tests/test_catalogue.py
+    tests/test_dpo.py tests/test_mpo.py tests/test_ops.py tests/test_catalogue.py tests/test_torch.py \
+    || echo '!! parity suite failed'
 
   echo "== fused log-probs on CUDA: values and gradients against the naive path"
-  timeout 120 python3 - <<'PY'
+  timeout 120 python3 - <<'PY' || echo '!! fused check failed'
 import torch, prefopt
 from prefopt.backends.torch import fused_linear_logps
 torch.manual_seed(0)
@@ -52,13 +53,13 @@ print("fused == naive on CUDA (float64)")
 PY
 
   echo "== benchmark: torch on CUDA (eager, compile), jax.jit on the GPU"
-  timeout 200 python3 benchmarks/bench_losses.py --device cuda
+  timeout 200 python3 benchmarks/bench_losses.py --device cuda || echo '!! bench_losses failed'
 
   echo "== log-probs: naive vs fused, bf16, vocabulary 128k, on CUDA"
   timeout 200 python3 benchmarks/bench_logps.py --device cuda --dtype bfloat16 --vocab 128256 \
-    --rows 16 --seq 512 --hidden 2048 --chunk 2048 --repeats 3 --rounds 1
+    --rows 16 --seq 512 --hidden 2048 --chunk 2048 --repeats 3 --rounds 1 || echo '!! bench_logps failed'
 
   echo "== one MPO step: unshared vs the group forward, bf16, vocabulary 128k, on CUDA"
   timeout 200 python3 benchmarks/bench_step.py --device cuda --dtype bfloat16 --vocab 128256 \
-    --repeats 3 --rounds 1
+    --repeats 3 --rounds 1 || echo '!! bench_step failed'
 } 2>&1 | tee "$out/gpu-check.log"
