@@ -25,10 +25,16 @@ def _option(text: str) -> tuple[str, object]:
 
 def parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    from prefopt.cli.train import Config
+    from prefopt import __version__
+    from prefopt.cli.config import Config
 
     d = Config()
-    top = _Parser(prog="prefopt", description="Preference-optimization losses and training.")
+    top = _Parser(
+        prog="prefopt",
+        description="Preference-optimization losses and training. "
+        "See 'prefopt train --help'; run 'prefopt train' alone for the built-in demo.",
+    )
+    top.add_argument("--version", action="version", version=f"prefopt {__version__}")
     sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser(
         "train",
@@ -99,7 +105,8 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="another option of the loss, e.g. label_smoothing=0.1 (repeatable)",
+        help="another option of the loss, e.g. weighting=signed for mpo, label_smoothing=0.1 "
+        "for dpo (repeatable)",
     )
     p.add_argument(
         "--pairs",
@@ -135,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     import transformers
 
-    from prefopt.cli.train import Config, Interrupted, UserError, run
+    from prefopt.cli.config import Config
+    from prefopt.cli.train import Interrupted, UserError, run
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -150,16 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as err:
         print(f"prefopt train: {err}", file=sys.stderr)
         return 130
+    print(f"done: {len(records)} steps; outputs in {config.output}/")
     last = records[-1] if records else {}
-    summary = f"done: {len(records)} steps; outputs in {config.output}/"
-    if "heldout_reward" in last:
-        start = records[0].get("heldout_reward_start")
-        summary += (
-            f" held-out reward {start:.3f} -> {last['heldout_reward']:.3f}"
-            if start is not None
-            else ""
-        )
-    print(summary)
+    start = records[0].get("heldout_reward_start") if records else None
+    if "heldout_reward" in last and start is not None:
+        print(f"held-out reward: {start:.3f} -> {last['heldout_reward']:.3f}")
     return 0
 
 

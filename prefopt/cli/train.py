@@ -14,7 +14,7 @@ import copy
 import json
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import prefopt
+from prefopt.cli.config import Config
 from prefopt.cli.reward import (
     RewardError,
     RewardModel,
@@ -49,39 +50,6 @@ RESUME_FIXED = (
     "model", "data", "prompts", "reward", "reward_model", "loss", "beta", "alpha", "extra",
     "pairs", "no_reference",
 )  # fmt: skip
-
-
-@dataclass
-class Config:
-    """The settings of a run (the command-line options)."""
-
-    model: str | None = None
-    data: str | None = None
-    loss: str = "mpo"
-    responses: int = 8
-    beta: float | None = None  # None: the loss's own default
-    alpha: float | None = None
-    steps: int = 600
-    seed: int = 0
-    output: str = "prefopt-run"
-    resume: bool = False
-    lr: float = 3e-3
-    prompts_per_step: int = 8
-    prompts: str | None = None  # a JSONL file of prompts (on-policy)
-    eval_prompts: str | None = None
-    reward: str | None = None  # MODULE:FUNCTION or FILE.py:FUNCTION
-    reward_model: str | None = None  # a sequence-classification checkpoint directory
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 6
-    eval_every: int = 50
-    save_every: int = 100
-    pairs: str = "all"
-    no_reference: bool = False
-    max_length: int = 512
-    overwrite: bool = False
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 # ---- the loop ----------------------------------------------------------------------------
