@@ -88,6 +88,19 @@ def test_import_prefopt_imports_only_numpy_and_array_api_compat():
     assert set(out.stdout.split()) <= {"array_api_compat", "numpy", "prefopt"}, out.stdout
 
 
+def run_block(block, where):
+    """Run a code block as a reader would: a script, or a doctest session if it is one."""
+    if block.lstrip().startswith(">>>"):
+        import doctest
+
+        test = doctest.DocTestParser().get_doctest(block, {}, where, where, 0)
+        runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+        runner.run(test)
+        assert runner.failures == 0, f"{where}: a doctest block failed (output above)"
+    else:
+        exec(compile(block, where, "exec"), {})
+
+
 def test_readme_python_examples_run():
     import re
 
@@ -96,22 +109,13 @@ def test_readme_python_examples_run():
     assert len(blocks) >= 2
     skip_unless_installed(*blocks)
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+        run_block(block, "README.md")
 
 
-@pytest.mark.parametrize(
-    "page",
-    [
-        "logps.md",
-        "choosing.md",
-        "metrics.md",
-        "losses/group.md",
-        "losses/kto.md",
-        "training/trainer.md",
-        "training/trl.md",
-        "training/jax.md",
-    ],
-)
+PAGES = sorted(str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md"))
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if "```python" in (DOCS / p).read_text()])
 def test_docs_python_examples_run(page):
     import re
 
@@ -119,4 +123,22 @@ def test_docs_python_examples_run(page):
     assert blocks, page
     skip_unless_installed(*blocks)
     for block in blocks:
-        exec(compile(block, page, "exec"), {})
+        run_block(block, page)
+
+
+def test_install_commands_name_the_distribution():
+    import re
+    import shlex
+
+    name = re.search(r'^name = "(.+)"$', (DOCS.parent / "pyproject.toml").read_text(), re.M)[1]
+    assert name != "prefopt"  # the name on the package index belongs to another project
+    texts = {"README.md": (DOCS.parent / "README.md").read_text()}
+    texts.update({p: (DOCS / p).read_text() for p in PAGES})
+    named = 0
+    for where, text in texts.items():
+        for command in re.findall(r"pip install ([^\n#`]*)", text):
+            for token in shlex.split(command):
+                if token.startswith("prefopt"):
+                    assert token.split("[")[0] == name, (where, command)
+                    named += 1
+    assert named >= 3
