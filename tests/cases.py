@@ -146,8 +146,11 @@ def to_backend(backend, positional, keywords, dtype):
 def skip_unless_installed(*sources: str) -> None:
     """Skip the calling test when a module that ``sources`` (Python code) imports is missing."""
     import ast
+    import doctest
 
     for source in sources:
+        if source.lstrip().startswith(">>>"):  # a doctest session: its code, outputs dropped
+            source = doctest.script_from_examples(source)
         for node in ast.walk(ast.parse(source)):
             names = []
             if isinstance(node, ast.Import):
