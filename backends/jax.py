@@ -66,7 +66,7 @@ def shard_batch(arrays: Any, mesh: Mesh | None = None, *, axis_name: str = "batc
     Returns:
         The same pytree, each leaf a ``jax.Array`` sharded as ``PartitionSpec(axis_name)``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, prefopt
         >>> from prefopt.backends.jax import shard_batch
         >>> logps, rewards = shard_batch((jnp.zeros((8, 4)), jnp.arange(32.0).reshape(8, 4)))
@@ -125,7 +125,7 @@ def fused_linear_logps(
     Returns:
         (...) log-probabilities in float32 (float64 for float64 inputs).
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from prefopt.backends.jax import fused_linear_logps
         >>> hidden, weight = jnp.ones((2, 5, 16)), jnp.ones((100, 16))

@@ -129,7 +129,7 @@ class DPOLoss(PreferenceLoss):
 
     ``loss_module("sigmoid")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "sigmoid"
@@ -171,7 +171,7 @@ class RobustDPOLoss(PreferenceLoss):
 
     ``loss_module("robust")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "robust"
@@ -213,7 +213,7 @@ class IPOLoss(PreferenceLoss):
 
     ``loss_module("ipo")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "ipo"
@@ -257,7 +257,7 @@ class HingeLoss(PreferenceLoss):
 
     ``loss_module("hinge")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "hinge"
@@ -292,7 +292,7 @@ class EXOPairLoss(PreferenceLoss):
 
     ``loss_module("exo_pair")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "exo_pair"
@@ -334,7 +334,7 @@ class NCAPairLoss(PreferenceLoss):
 
     ``loss_module("nca_pair")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "nca_pair"
@@ -369,7 +369,7 @@ class BCOPairLoss(PreferenceLoss):
 
     ``loss_module("bco_pair")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "bco_pair"
@@ -407,7 +407,7 @@ class SPPOHardLoss(PreferenceLoss):
 
     ``loss_module("sppo_hard")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "sppo_hard"
@@ -442,7 +442,7 @@ class APOZeroLoss(PreferenceLoss):
 
     ``loss_module("apo_zero")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "apo_zero"
@@ -477,7 +477,7 @@ class APODownLoss(PreferenceLoss):
 
     ``loss_module("apo_down")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "apo_down"
@@ -512,7 +512,7 @@ class DiscoPOPLoss(PreferenceLoss):
 
     ``loss_module("discopop")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "discopop"
@@ -548,7 +548,7 @@ class AOTLoss(PreferenceLoss):
 
     ``loss_module("aot")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "aot"
@@ -578,7 +578,7 @@ class AOTUnpairedLoss(PreferenceLoss):
 
     ``loss_module("aot_unpaired")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "aot_unpaired"
@@ -620,7 +620,7 @@ class SigmoidNormLoss(PreferenceLoss):
 
     ``loss_module("sigmoid_norm")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "sigmoid_norm"
@@ -664,7 +664,7 @@ class SimPOLoss(PreferenceLoss):
 
     ``loss_module("simpo")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "simpo"
@@ -699,7 +699,7 @@ class CPOLoss(PreferenceLoss):
 
     ``loss_module("cpo")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "cpo"
@@ -727,7 +727,7 @@ class ORPOLoss(PreferenceLoss):
 
     ``loss_module("orpo")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "orpo"
@@ -755,7 +755,7 @@ class KTOLoss(PreferenceLoss):
 
     ``loss_module("kto")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "kto"
@@ -786,7 +786,7 @@ class MPOLoss(PreferenceLoss):
 
     ``loss_module("mpo")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]). ``"mean"`` averages
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]). ``"mean"`` averages
     over the groups that count (both sets non-empty, see
     [`prefopt.mpo_split`][prefopt.mpo_split]), so degenerate groups do not dilute it.
 
@@ -829,7 +829,7 @@ class InfoNCALoss(PreferenceLoss):
 
     ``loss_module("infonca")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "infonca"
@@ -857,7 +857,7 @@ class NCALoss(PreferenceLoss):
 
     ``loss_module("nca")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "nca"
@@ -885,7 +885,7 @@ class PlackettLuceLoss(PreferenceLoss):
 
     ``loss_module("plackett_luce")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "plackett_luce"
@@ -908,7 +908,7 @@ class LiPOLoss(PreferenceLoss):
 
     ``loss_module("lipo")`` makes one too. The options are the function's, with its
     defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][backends.torch.PreferenceLoss]).
+    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "lipo"
@@ -1048,7 +1048,7 @@ def fused_linear_logps(
     Returns:
         (...) log-probabilities in float32 (float64 for float64 inputs).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from prefopt.backends.torch import fused_linear_logps
         >>> hidden = torch.randn(2, 5, 16, requires_grad=True)

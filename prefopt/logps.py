@@ -103,7 +103,7 @@ def token_logps(
             [0, V) that are not ``ignore_index``.
         TypeError: On non-floating logits or non-integer labels.
 
-    Example:
+    Examples:
         >>> import numpy as np, prefopt
         >>> logits = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]]))
         >>> np.exp(prefopt.token_logps(logits, np.array([0, -100]))).round(6)
@@ -188,7 +188,7 @@ def shift_labels(labels: Array, *, ignore_index: int = -100, xp: ModuleType | No
     Returns:
         (..., T) shifted labels, same dtype.
 
-    Example:
+    Examples:
         >>> import numpy as np, prefopt
         >>> prefopt.shift_labels(np.array([[-100, -100, 5, 7]]))
         array([[-100,    5,    7, -100]])
@@ -236,7 +236,7 @@ def sequence_logps(
     Returns:
         ``(logps, lengths)``, both (...) in the token log-probs' dtype.
 
-    Example:
+    Examples:
         >>> import numpy as np, prefopt
         >>> tl = np.array([[-1.0, -2.0, np.nan]]); mask = np.array([[True, True, False]])
         >>> prefopt.sequence_logps(tl, mask)
@@ -289,7 +289,7 @@ def causal_lm_logps(
         ``(logps, lengths)``, both (...): one value per sequence, e.g. (B, n) for grouped
         logits of shape (B, n, T, V).
 
-    Example:
+    Examples:
         >>> import numpy as np, prefopt
         >>> logits = np.zeros((1, 4, 8))             # uniform over 8 tokens
         >>> labels = np.array([[3, -100, 5, 6]])     # prompt token 3, completion 5, 6

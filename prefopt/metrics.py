@@ -48,7 +48,7 @@ def pair_metrics(
     Returns:
         A dict from metric name to a 0-d array.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from prefopt.metrics import pair_metrics
         >>> m = pair_metrics(np.array([-5.0, -7.0]), np.array([-9.0, -6.0]), beta=1.0)

@@ -7,10 +7,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+__all__ = ["Config"]
+
 
 @dataclass
 class Config:
-    """The settings of a run (the command-line options)."""
+    """The settings of a ``prefopt train`` run: one field per command-line option.
+
+    Each field is the option of the same name with ``-`` written ``_`` (``--prompts-per-step``
+    is ``prompts_per_step``), with the same default; see the options of the prefopt train page
+    for their meanings. Two fields have no option of that name: ``extra`` holds the
+    ``--option KEY=VALUE`` pairs as a dict, and ``progress`` is ``False`` for
+    ``--no-progress``.
+
+    Examples:
+        >>> from prefopt.cli.config import Config
+        >>> Config(loss="dpo", extra={"label_smoothing": 0.1}).responses
+        8
+    """
 
     model: str | None = None
     data: str | None = None

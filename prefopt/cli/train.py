@@ -36,9 +36,16 @@ from prefopt.integrations.data import collate_ids, preference_row
 from prefopt.integrations.transformers import PreferenceCollator, loss_and_metrics
 from prefopt.losses.registry import spec
 
+__all__ = ["run", "UserError"]
+
 
 class UserError(Exception):
-    """A mistake in the command line or the data: reported in one line, exit status 2."""
+    """A mistake in the options, the data, the prompts or the reward.
+
+    The command prints its message on one line (``prefopt train: error: ...``) and exits with
+    status 2; from Python, [`run`][prefopt.cli.train.run] raises it before any step that the
+    mistake would affect.
+    """
 
 
 class Interrupted(Exception):
@@ -297,7 +304,17 @@ def refuse_unknown_text(tokenizer, texts: list[str], flag: str) -> None:
 
 
 def run(config: Config) -> list[dict[str, Any]]:
-    """Train as ``config`` says; returns the logged records (one per step)."""
+    """Train as ``config`` says: what ``prefopt train`` runs, callable from Python.
+
+    Args:
+        config: The run's settings (the command-line options).
+
+    Returns:
+        The logged records, one dict per step (what ``metrics.jsonl`` holds).
+
+    Raises:
+        UserError: On a mistake in the options or the inputs, before it affects a step.
+    """
     options = check(config)
     rows, places = read_rows(config.data) if config.data else (None, None)
     out = Path(config.output)

@@ -50,7 +50,7 @@ def loss_and_metrics(
         ``(loss, metrics)``: a 0-d array and the dict of
         [`prefopt.metrics.group_metrics`][prefopt.metrics.group_metrics].
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, optax
         >>> from prefopt.integrations.jax import loss_and_metrics
         >>> def apply_fn(params, ids, attention):

@@ -147,7 +147,7 @@ def batch_logps(
       responses were cut to different prompts, and empty prompts run unshared.
     - ``fused=True`` (default): no logits tensor. Only the positions that predict a
       response token go through the output layer, in chunks of about 8M logits, with
-      [`fused_linear_logps`][backends.torch.fused_linear_logps]; tied embeddings
+      [`fused_linear_logps`][prefopt.backends.torch.fused_linear_logps]; tied embeddings
       work. A model that changes its logits after the output layer (a final soft-cap, a
       logit scale) is refused with ``fused=True``: pass ``fused=False``.
 

@@ -58,7 +58,7 @@ def combine_losses(
         the Reasoning Ability of Multimodal Large Language Models via Mixed Preference
         Optimization", arXiv:2411.10442.
 
-    Example:
+    Examples:
         >>> import numpy as np, prefopt
         >>> loss_fn = prefopt.combine_losses({"sigmoid": 0.5, "ipo": 0.5},
         ...                                  options={"ipo": {"beta": 0.5}})
@@ -465,7 +465,7 @@ def pairs_as_groups(
         A dict with ``logps``, ``ref_logps``, ``rewards`` and ``lengths``, each (B, 2) or
         ``None``, to pass as keyword arguments to a group loss.
 
-    Example:
+    Examples:
         >>> import numpy as np, prefopt
         >>> groups = prefopt.pairs_as_groups(np.array([-5.0]), np.array([-9.0]))
         >>> groups["rewards"]

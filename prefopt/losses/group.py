@@ -210,7 +210,7 @@ def mpo_loss(
         Gupta et al., "Multi-Preference Optimization: Generalizing DPO via Set-Level
         Contrasts", arXiv:2412.04628 (earlier titled SWEPO).
 
-    Example:
+    Examples:
         >>> import numpy as np, prefopt
         >>> logps = np.array([[-4.0, -6.0, -5.0, -7.0]])
         >>> rewards = np.array([[0.9, 0.1, 0.7, 0.3]])

@@ -77,7 +77,7 @@ def dpo_loss(
         Reward Model", NeurIPS 2023, arXiv:2305.18290. cDPO: Mitchell, "A note on DPO with
         noisy preferences and relationship to IPO", 2023.
 
-    Example:
+    Examples:
         >>> import numpy as np, prefopt
         >>> prefopt.dpo_loss(np.array([-5.0]), np.array([-9.0]), np.array([-6.0]),
         ...                  np.array([-8.0]), beta=0.5)
