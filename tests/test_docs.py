@@ -21,6 +21,8 @@ def public_symbols():
         "prefopt.integrations.jax",
         "prefopt.losses.registry",
         "prefopt.layout",
+        "prefopt.cli.config",
+        "prefopt.cli.train",
     ):
         try:
             modules[name] = __import__(name, fromlist=["_"])
@@ -34,13 +36,9 @@ def public_symbols():
 
 
 def documented():
-    """Names with a ``::: name`` entry; ``backends.x`` (the source folder, which the docs
-    build reads statically) stands for ``prefopt.backends.x``."""
+    """Names with a ``::: name`` entry."""
     text = "\n".join(p.read_text() for p in DOCS.rglob("*.md"))
-    names = {
-        line.split(":::", 1)[1].strip() for line in text.splitlines() if line.startswith(":::")
-    }
-    return {"prefopt." + n if n.startswith("backends.") else n for n in names}
+    return {line.split(":::", 1)[1].strip() for line in text.splitlines() if line.startswith(":::")}
 
 
 @pytest.mark.parametrize(
@@ -142,3 +140,16 @@ def test_install_commands_name_the_distribution():
                     assert token.split("[")[0] == name, (where, command)
                     named += 1
     assert named >= 3
+
+
+def test_every_example_script_is_on_the_examples_page():
+    page = (DOCS / "examples.md").read_text()
+    scripts = sorted(p.name for p in (DOCS.parent / "examples").glob("*.py"))
+    missing = [s for s in scripts if f'--8<-- "examples/{s}"' not in page or f"## {s}" not in page]
+    assert scripts and not missing, f"examples missing from docs/examples.md: {missing}"
+
+
+def test_every_public_symbol_is_in_the_api_index():
+    page = (DOCS / "api.md").read_text()
+    missing = [f"{p}.{n}" for p, n, _ in public_symbols() if f"[`{n}`][{p}.{n}]" not in page]
+    assert not missing, f"no row in docs/api.md's index: {missing}"
