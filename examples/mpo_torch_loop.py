@@ -3,7 +3,7 @@
 No Trainer: the loop is the few lines below. The model is the tiny built-in Llama of
 `prefopt train` (random weights, no download); swap in any causal LM and reward.
 
-    python examples/mpo_torch_loop.py             # 300 steps, about 20 s on 2 cores
+    python examples/mpo_torch_loop.py             # 300 steps, 32 s on 2 cores
     python examples/mpo_torch_loop.py --steps 2   # a smoke run
 """
 

@@ -1,8 +1,8 @@
 """Reproductions of the MPO paper's claims, at the scale of a 2-core machine.
 
-    python examples/reproductions.py bias     --output docs/img   # bias vs n, ~1 min
-    python examples/reproductions.py noise    --output docs/img   # split vs full order, ~1 min
-    python examples/reproductions.py compare  --output docs/img   # losses on prefopt train's task
+    python examples/reproductions.py bias     --output docs/img   # bias vs n, 2 s
+    python examples/reproductions.py noise    --output docs/img   # split vs full order, 1 s
+    python examples/reproductions.py compare  --output docs/img   # losses compared, 4 min 49 s
     python examples/reproductions.py all --quick --output /tmp/x  # tiny sizes (the tests)
 
 Each writes a PNG and a JSON of its numbers to ``--output`` and prints a summary.
