@@ -1,13 +1,16 @@
 """Reproductions of the MPO paper's claims, at the scale of a 2-core machine.
 
     python examples/reproductions.py bias     --output docs/img   # bias vs n, 2 s
-    python examples/reproductions.py noise    --output docs/img   # split vs full order, 1 s
-    python examples/reproductions.py compare  --output docs/img   # losses compared, 4 min 49 s
+    python examples/reproductions.py noise    --output docs/img   # split vs full order, 0.4 s
+    python examples/reproductions.py compare  --output docs/img   # losses compared, 8 min 6 s
+    python examples/reproductions.py budget   --output docs/img   # n at a fixed budget, see below
+    python examples/reproductions.py all      --output docs/img   # every figure of the page
     python examples/reproductions.py all --quick --output /tmp/x  # tiny sizes (the tests)
 
 Each writes a PNG and a JSON of its numbers to ``--output`` and prints a summary.
 ``bias`` and ``noise`` need only NumPy (and matplotlib for the plot); ``compare`` trains
-the built-in model of ``prefopt train``.
+the built-in model of ``prefopt train``; ``budget`` runs ``examples/sample_budget.py`` (its
+docstring says what it does).
 """
 
 from __future__ import annotations
@@ -289,15 +292,22 @@ def _plot_compare(result: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run an experiment (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiment", choices=["bias", "noise", "compare", "all"])
+    parser.add_argument("experiment", choices=["bias", "noise", "compare", "budget", "all"])
     parser.add_argument("--output", default=".", help="directory for the PNGs and JSONs")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    chosen = ["bias", "noise", "compare"] if args.experiment == "all" else [args.experiment]
+    chosen = (
+        ["bias", "noise", "compare", "budget"] if args.experiment == "all" else [args.experiment]
+    )
     for name in chosen:
+        if name == "budget":  # its own script, which writes budget.json and budget.png
+            import sample_budget
+
+            sample_budget.main(["--output", str(out)] + (["--quick"] if args.quick else []))
+            continue
         start = time.perf_counter()
         if name == "bias":
             kw = {"ns": (2, 4, 8, 16), "trials": 200, "boot": 20} if args.quick else {}

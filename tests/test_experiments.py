@@ -35,7 +35,42 @@ def test_every_experiment_runs_from_one_command(tmp_path, capsys):
     pytest.importorskip("transformers")
     main(["all", "--quick", "--output", str(tmp_path)])
     out = capsys.readouterr().out
-    for name in ("bias", "noise", "compare"):
+    for name in ("bias", "noise", "compare", "budget"):
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
         assert json.loads((tmp_path / f"{name}.json").read_text())["seconds"] >= 0
     assert out.count("compare ") == 8 and "held-out reward" in out
+
+
+def test_exact_held_out_reward_matches_sampling():
+    torch = pytest.importorskip("torch")
+    budget = load_example("sample_budget")
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(5, budget.LENGTH, budget.LETTERS, generator=gen), -1)
+    for task in ("copy", "letters"):
+        batch = torch.tensor(budget.prompts(task, 0)[1][:5])
+        exact = budget.expected_reward(task, probs.double(), batch)
+        draws = torch.multinomial(probs.reshape(-1, budget.LETTERS), 20000, replacement=True)
+        responses = draws.reshape(5, budget.LENGTH, 20000).transpose(1, 2)  # (P, n, LENGTH)
+        sampled = budget.reward(task, batch, responses).mean(dim=1)
+        torch.testing.assert_close(sampled, exact, atol=0.01, rtol=0)  # 20000 draws: se < 0.004
+
+
+def test_sample_budget_trains_and_reports_paired_intervals(tmp_path, capsys):
+    pytest.importorskip("torch")
+    budget = load_example("sample_budget")
+    _, start = budget.run(("copy", "MPO", (8, 8), 0, 0.1, 1.0, 0))
+    _, after = budget.run(("copy", "MPO", (8, 8), 0, 0.3, 1.0, 60))
+    assert abs(start - 1 / 8) < 0.05 and after > start + 0.1  # learns from 1/8
+    budget.main(["--quick", "--output", str(tmp_path)])
+    assert (tmp_path / "budget.png").read_bytes()[:4] == b"\x89PNG"
+    r = json.loads((tmp_path / "budget.json").read_text())
+    for task in ("copy", "letters"):
+        finals = r["final"][task]
+        # with n = 2 the three losses are the same function: the same runs
+        np.testing.assert_allclose(finals["MPO"]["2"], finals["DPO all pairs"]["2"], atol=1e-9)
+        np.testing.assert_allclose(finals["MPO"]["2"], finals[budget.BASELINE]["2"], atol=1e-9)
+        for loss in budget.LOSSES:
+            assert set(r["tuned"][task][loss]) == {"2", "4", "8", "16"}
+            for mean, low, high in r["vs_baseline"][task][loss].values():
+                assert low <= mean <= high
+    assert "budget:" in capsys.readouterr().out
