@@ -15,8 +15,8 @@ class Config:
     """The settings of a ``prefopt train`` run: one field per command-line option.
 
     Each field is the option of the same name with ``-`` written ``_`` (``--prompts-per-step``
-    is ``prompts_per_step``), with the same default; see the options of the prefopt train page
-    for their meanings. Two fields have no option of that name: ``extra`` holds the
+    is ``prompts_per_step``), with the same default; the options table of the prefopt train page
+    gives their meanings. Two fields have no option of that name: ``extra`` holds the
     ``--option KEY=VALUE`` pairs as a dict, and ``progress`` is ``False`` for
     ``--no-progress``.
 
