@@ -14,6 +14,17 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def measurement_options(parser, repeats: int = 3, rounds: int = 2) -> None:
+    """The options every benchmark takes: dtype, device, repeats, rounds (and the worker's mode)."""
+    import argparse
+
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+
+
 def measure(step, device, repeats: int) -> dict:
     """Best time of ``repeats`` calls of ``step`` after a warm-up, and memory base and peak.
 

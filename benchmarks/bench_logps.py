@@ -22,7 +22,7 @@ import json
 import sys
 import time
 
-from _measure import measure, rounds, rss_mib, table
+from _measure import measure, measurement_options, rounds, rss_mib, table
 
 MODES = {
     "torch": ("naive", "token_logps", "fused"),
@@ -109,11 +109,7 @@ def main():
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--chunk", type=int, default=1024, help="rows per chunk (fused)")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    measurement_options(parser)
     args = parser.parse_args()
     if args.quick:
         args.rows, args.seq, args.hidden, args.vocab = 4, 64, 32, 1000

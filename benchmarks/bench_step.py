@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from _measure import measure, rounds, table
+from _measure import measure, measurement_options, rounds, table
 
 
 def tokenizer(vocab: int):
@@ -141,11 +141,7 @@ def main():
     parser.add_argument("--n", type=int, default=8, help="responses per prompt")
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens")
     parser.add_argument("--response", type=int, default=64, help="tokens per response")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    measurement_options(parser)
     args = parser.parse_args()
     if args.quick:
         args.hidden, args.layers, args.vocab, args.prompt, args.response = 32, 1, 500, 16, 4

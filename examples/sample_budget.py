@@ -55,11 +55,17 @@ TUNING_SEED = 1000
 
 def prompts(task: str, seed: int) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
     """Training and held-out prompts (tuples of letter indices): 16 held out."""
+    if task == "copy":  # prefopt train's own prompts and split: 48 train, 16 held out
+        from prefopt.cli.task import LETTERS as WORDS
+        from prefopt.cli.task import copy_task_prompts
+
+        def ids(texts):
+            return [tuple(WORDS.index(w) for w in t.split()[1:]) for t in texts]
+
+        train, held = copy_task_prompts(seed)
+        return ids(train), ids(held)
     rng = random.Random(seed)
-    if task == "copy":
-        pool = list(itertools.product(range(LETTERS), repeat=2))  # 64: 48 train, 16 held out
-    else:
-        pool = [tuple(rng.sample(c, 3)) for c in itertools.combinations(range(LETTERS), 3)]
+    pool = [tuple(rng.sample(c, 3)) for c in itertools.combinations(range(LETTERS), 3)]
     rng.shuffle(pool)
     return pool[16:], pool[:16]
 
@@ -227,11 +233,9 @@ def sample_budget(
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Held-out reward against n, one panel per task, with 95% intervals."""
-    import matplotlib
+    from reproductions import _pyplot  # its neighbour in examples/
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     tasks = list(result["reward"])
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
