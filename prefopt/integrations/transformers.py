@@ -213,7 +213,14 @@ def _check_fused(inner: Any) -> bool:
     """Whether the output layer can be fused; raise for logits changed after it."""
     if not (hasattr(inner, "get_decoder") and hasattr(inner, "get_output_embeddings")):
         return False
-    if inner.get_output_embeddings() is None:
+    head = inner.get_output_embeddings()
+    if head is None:
+        return False
+    if type(head).forward is not torch.nn.Linear.forward:  # an adapter, a quantised layer
+        _warn_once(
+            f"batch_logps(fused=True): the output layer is a {type(head).__name__}, not a "
+            "plain Linear, so its log-probs are computed from the full logits (fused=False)"
+        )
         return False
     config = getattr(inner, "config", None)
     for name in _SOFTCAPS:
@@ -267,30 +274,38 @@ def _attention_mask(inner: Any, segments: torch.Tensor) -> torch.Tensor:
 
 
 def _token_logps(model, inner, inputs, rows, cols, targets, fused) -> torch.Tensor:
-    """Log-probs of ``targets`` predicted at (``rows``, ``cols``) of the model's outputs."""
+    """Log-probs of ``targets`` predicted at (``rows``, ``cols``) of the model's outputs.
+
+    The model is called as it is, through its own forward (accelerate's autocast, DDP,
+    FSDP and PEFT wrappers all run). Fused, two hooks on the output layer, removed after
+    the call, give it no position to compute and return the log-probs instead: the
+    pre-hook takes the hidden states of the positions that predict a response token, the
+    hook computes their log-probs with the layer's own weight, inside the call (so under
+    its autocast, and before FSDP's hook reshards that weight).
+    """
     if not fused:
         logits = model(**inputs, use_cache=False).logits
         return prefopt.token_logps(logits[rows, cols], targets)
+    head = inner.get_output_embeddings()
+    chunk = max(1, _CHUNK_ELEMENTS // head.weight.shape[0])
+    taken = []
 
-    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        # runs as the model's forward: DDP, FSDP and PEFT hooks all see one normal call
-        hidden = inner.get_decoder()(
-            input_ids=kwargs["input_ids"],
-            attention_mask=kwargs["attention_mask"],
-            position_ids=kwargs.get("position_ids"),
-            use_cache=False,
-        ).last_hidden_state[rows, cols]
-        head = inner.get_output_embeddings()
-        if hidden.dtype != head.weight.dtype:  # autocast: the output layer in its own dtype
-            hidden = hidden.to(head.weight.dtype)
-        chunk = max(1, _CHUNK_ELEMENTS // head.weight.shape[0])
-        return fused_linear_logps(hidden, head.weight, targets, bias=head.bias, chunk_size=chunk)
+    def take(module, args):
+        taken.append(args[0][rows, cols])
+        return (args[0][:, :0], *args[1:])  # no position goes through the layer itself
 
-    inner.forward = forward
+    def logps(module, args, output):
+        hidden = taken.pop()
+        return fused_linear_logps(
+            hidden, module.weight, targets, bias=module.bias, chunk_size=chunk
+        )
+
+    hooks = [head.register_forward_pre_hook(take), head.register_forward_hook(logps, prepend=True)]
     try:
-        return model(**inputs)
+        return model(**inputs, use_cache=False).logits
     finally:
-        del inner.forward
+        for hook in hooks:
+            hook.remove()
 
 
 def loss_and_metrics(
@@ -815,14 +830,15 @@ class PreferenceTrainer(transformers.Trainer):
         if dataset is None:
             return None
         rows = list(dataset)
-        done = precompute_ref_logps(
-            self.ref_model,
-            rows,
-            self.collator,
-            batch_size=batch_size,
-            model=self.model,
-            **self.settings.logps_options,
-        )
+        with self.accelerator.autocast():
+            done = precompute_ref_logps(
+                self.ref_model,
+                rows,
+                self.collator,
+                batch_size=batch_size,
+                model=self.model,
+                **self.settings.logps_options,
+            )
         if hasattr(dataset, "add_column"):
             return dataset.remove_columns("ref_logps").add_column(
                 "ref_logps", [r["ref_logps"] for r in done]
@@ -840,7 +856,7 @@ class PreferenceTrainer(transformers.Trainer):
         if "ref_logps" in batch:
             return batch["ref_logps"]
         how = self.settings.logps_options
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerator.autocast():  # the run's precision, as TRL's
             if self.ref_model is not None:
                 return batch_logps(self.ref_model, batch, **how)[0]
             unwrapped = self.accelerator.unwrap_model(model)
