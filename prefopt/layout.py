@@ -28,7 +28,13 @@ from prefopt._ops import get_namespace
 
 Array = Any
 
-__all__ = ["GroupLayout", "group_attention_mask", "group_layout"]
+__all__ = [
+    "GroupLayout",
+    "ResponseAttention",
+    "group_attention_mask",
+    "group_layout",
+    "response_attention",
+]
 
 
 class GroupLayout(NamedTuple):
@@ -169,3 +175,79 @@ def group_attention_mask(segments: Array, *, xp: ModuleType | None = None) -> Ar
     q, k = segments[:, :, None], segments[:, None, :]
     allowed = causal[None, ...] & (q >= 0) & ((k == 0) | (k == q))
     return allowed | (i[:, None] == i[None, :])[None, ...]
+
+
+class ResponseAttention(NamedTuple):
+    """Index grids of the shared group attention (see ``response_attention``).
+
+    Attributes:
+        prompt: $P$, the longest prompt (an int).
+        queries: (B, n, R) int: the packed position of token $j$ of response $i$ (0 past
+            the response's end).
+        keys: (B, n, K) int, $K = P + R$: the packed positions response $i$ attends to,
+            its group's prompt then its own tokens (0 where there is none).
+        allowed: (B, 1, R, K) bool: whether query $j$ of a response attends to key $k$
+            (the same for every response of a group).
+        output: (B, L) int: where packed position $t$'s attention output is read from, in
+            the prompt's outputs ($P$ of them) followed by the responses' ($n R$).
+    """
+
+    prompt: int
+    queries: Array
+    keys: Array
+    allowed: Array
+    output: Array
+
+
+def response_attention(
+    layout: GroupLayout, prompt_lengths: Array, response_lengths: Array, *, xp=None
+) -> ResponseAttention:
+    r"""The attention of packed groups as a prompt part and a response part, with no (L, L) mask.
+
+    The prompt of group $b$ attends causally to itself: in the packed sequence its $p_b$
+    tokens come first, so a causal attention over the first $P = \max_b p_b$ positions
+    gives them exactly (positions past $p_b$ are discarded). Response $i$ attends to its
+    prompt and causally to its own earlier tokens: its $r_i$ queries against the
+    $K = P + R$ keys ``keys[b, i]`` (the prompt's $p_b$, then its own $r_i$), a
+    bottom-right aligned causal mask ``allowed``. No tensor has two dimensions of size
+    $L$: the largest are the (B, n, K) gathered keys of each layer.
+
+    Args:
+        layout: The [`GroupLayout`][prefopt.layout.GroupLayout] of the batch.
+        prompt_lengths: (B,) int, as given to ``group_layout``.
+        response_lengths: (B, n) int, likewise.
+        xp: The array namespace, if known.
+
+    Returns:
+        A [`ResponseAttention`][prefopt.layout.ResponseAttention].
+
+    Examples:
+        >>> import numpy as np
+        >>> from prefopt.layout import group_layout, response_attention
+        >>> p, r = np.array([2]), np.array([[2, 1]])
+        >>> att = response_attention(group_layout(p, r), p, r)
+        >>> att.keys.tolist()  # response 0: the prompt, then packed 2, 3; response 1: 4
+        [[[0, 1, 2, 3], [0, 1, 4, 0]]]
+        >>> att.allowed[0, 0].astype(int).tolist()  # bottom-right causal, for each response
+        [[1, 1, 1, 0], [1, 1, 1, 1]]
+        >>> att.output.tolist()  # prompt outputs 0, 1; then responses' rows of R = 2
+        [[0, 1, 2, 3, 4]]
+    """
+    xp = get_namespace(prompt_lengths, response_lengths, xp=xp)
+    p = xp.astype(prompt_lengths, xp.int64)[:, None, None]  # (B, 1, 1)
+    r = xp.astype(response_lengths, xp.int64)
+    R = layout.label_mask.shape[-1]
+    P = int(xp.max(p))
+    on = device(r)
+    starts = (p[:, :, 0] + xp.cumulative_sum(r, axis=1) - r)[:, :, None]  # (B, n, 1)
+    j = xp.arange(R, dtype=xp.int64, device=on)[None, None, :]
+    queries = xp.where(j < r[:, :, None], starts + j, 0)
+    k = xp.arange(P + R, dtype=xp.int64, device=on)[None, None, :]
+    own = k - p  # index of a key within the response, for k >= p
+    keys = xp.where(k < p, k, xp.where(own < r[:, :, None], starts + own, 0))
+    allowed = (k[:, :, None, :] < p[..., None]) | (own[:, :, None, :] <= j[:, :, :, None])
+    seg = layout.segments
+    offset = layout.column - p[:, :, 0]  # a response token's index in its response
+    t = xp.arange(seg.shape[1], dtype=xp.int64, device=on)[None, :]
+    output = xp.where(seg == 0, t, xp.where(seg > 0, P + (seg - 1) * R + offset, 0))
+    return ResponseAttention(P, queries, keys, allowed, output)

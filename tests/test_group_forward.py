@@ -156,3 +156,79 @@ def test_the_prompt_runs_once_per_group():
     hook.remove()
     # packed: 3 sequences of max(prompt + all responses) tokens; unshared: 3 * 4 rows of T
     assert seen[0] == (3, 7 + 4 + 1 + 6 + 3) and seen[1] == (12, data["input_ids"].shape[-1])
+
+
+# ---- the shared attention: no (L, L) tensor, the model's own forward, what it cannot serve --
+
+
+class Shapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape of every tensor an op creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.shapes.append((func.__name__, tuple(t.shape)))
+        return out
+
+
+def long_prompt_batch():
+    g = torch.Generator().manual_seed(3)
+    groups = [
+        (torch.randint(3, V, (80,), generator=g).tolist(),
+         [torch.randint(3, V, (k,), generator=g).tolist() for k in (3, 5, 2, 4)],
+         [1.0, 0.0, 0.5, 0.2]),
+        (torch.randint(3, V, (70,), generator=g).tolist(),
+         [torch.randint(3, V, (k,), generator=g).tolist() for k in (4, 1)], [0.3, 0.6]),
+    ]  # fmt: skip
+    return {k: torch.from_numpy(v) for k, v in collate_ids(groups, pad_id=0).items()}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_no_tensor_grows_with_the_packed_length_squared(attn):
+    model, data = tiny("llama", torch.float32, attn=attn), long_prompt_batch()
+    L = 80 + 3 + 5 + 2 + 4  # the longest packed group, longer than any model dimension
+    with Shapes() as mode:
+        batch_logps(model, data)[0].sum().backward()
+    assert any(L in s for _, s in mode.shapes)  # the packed sequence itself
+    square = [(f, s) for f, s in mode.shapes if sum(d >= L for d in s) >= 2]
+    assert not square, square[:5]
+    # the dense-mask packing this replaced made (B, 1, L, L) masks and scores
+    assert model.config._attn_implementation == f"prefopt_group_{attn}"
+
+
+def test_group_attention_is_transparent_for_every_other_call():
+    model, data = tiny("llama", torch.float32), batch()
+    ids = data["input_ids"][:, 0]
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=data["attention_mask"][:, 0]).logits
+        batch_logps(model, data)  # switches the model to prefopt_group_sdpa
+        after = model(input_ids=ids, attention_mask=data["attention_mask"][:, 0]).logits
+        assert model.config._attn_implementation == "prefopt_group_sdpa"
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+        out = model.generate(ids[:1, :3], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 6)
+
+
+def test_gradient_checkpointing_recomputes_the_shared_attention_exactly():
+    model, data = exact_norms(tiny("llama", torch.float64)), batch()
+    base, base_grads = grads(model, lambda: batch_logps(model, data, share_prefix=False)[0])
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    value, value_grads = grads(model, lambda: batch_logps(model, data)[0])
+    torch.testing.assert_close(value, base, rtol=1e-10, atol=1e-10)
+    for a, b in zip(value_grads, base_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * float(b.abs().max()))
+
+
+def test_a_sliding_window_shorter_than_a_sequence_runs_unshared_and_exact():
+    model, data = tiny("mistral", torch.float64, sliding_window=5), batch()
+    with pytest.warns(UserWarning, match=r"config.sliding_window=5 < \d+ tokens"):
+        with torch.no_grad():
+            got = batch_logps(model, data)[0]
+    torch.testing.assert_close(got, one_at_a_time(model, data), rtol=1e-10, atol=1e-10)
+    assert model.config._attn_implementation == "sdpa"

@@ -9,9 +9,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
 
+from prefopt.backends.torch import fused_linear_logps  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from prefopt.backends.torch import fused_linear_logps  # noqa: E402
 from prefopt.cli.task import builtin_model, builtin_tokenizer  # noqa: E402
 from prefopt.integrations.data import collate_ids  # noqa: E402
 from prefopt.integrations.transformers import (  # noqa: E402
@@ -50,6 +50,24 @@ class Matmuls(TorchDispatchMode):
     def over(self, size):
         """The matmuls with an operand that has a dimension of ``size``."""
         return [s for s in self.seen if any(size in shape for shape in s[2])]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Leave accelerate's process-wide state as unset as it came, for the tests after these."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def bf16(model):
+    """``model`` prepared by a fresh ``Accelerator(mixed_precision="bf16", cpu=True)`` (the
+    accelerate state is a process-wide singleton that other tests may have set)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return accelerate.Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
 
 
 def tiny(dtype=torch.float32):
@@ -169,7 +187,7 @@ def test_a_second_backward_recomputes_the_kept_logits():
 def test_accelerate_bf16_holds_on_every_call(fused, share_prefix):
     # Before: the fused path replaced and deleted model.forward, removing accelerate's
     # autocast wrapper: every call after the first ran in float32.
-    model = accelerate.Accelerator(mixed_precision="bf16", cpu=True).prepare(tiny())
+    model = bf16(tiny())
     forward, hooks = model.forward, hooks_of(model)
     seen, handle = record_dtypes(model)
     data = batch()
@@ -244,7 +262,7 @@ def test_preference_trainer_bf16_trains_in_bf16_as_trls_dpo_trainer_does(tmp_pat
 
 
 def test_precomputed_reference_runs_under_the_models_autocast():
-    model = accelerate.Accelerator(mixed_precision="bf16", cpu=True).prepare(tiny())
+    model = bf16(tiny())
     forward = model.forward
     seen, handle = record_dtypes(model)
     tok = builtin_tokenizer()

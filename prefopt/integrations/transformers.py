@@ -25,6 +25,7 @@ import transformers
 import prefopt
 import prefopt.layout
 from prefopt.backends.torch import fused_linear_logps
+from prefopt.integrations.attention import GroupAttention, servable, use_group_attention
 from prefopt.integrations.data import (
     IGNORE,
     Truncation,
@@ -170,8 +171,8 @@ def batch_logps(
     lengths = is_label.sum(-1)  # (B, n)
     inner = _causal_lm(model)
     fused = fused and _check_fused(inner)
-    layout = _shared_layout(inner, ids, is_label, attention, lengths) if share_prefix else None
-    if layout is None:
+    shared = _shared_layout(inner, ids, is_label, attention, lengths) if share_prefix else None
+    if shared is None:
         rows, cols = is_label.reshape(B * n, T)[:, 1:].nonzero(as_tuple=True)
         inputs = {
             "input_ids": ids.reshape(B * n, T),
@@ -179,12 +180,16 @@ def batch_logps(
         }
         owner, targets = rows, labels.reshape(B * n, T)[rows, cols + 1]
     else:
+        layout, prompt_lengths, response_lengths = shared
         b_idx = torch.arange(B, device=ids.device)[:, None]
         packed = ids[b_idx, layout.response, layout.column]
+        index = prefopt.layout.response_attention(layout, prompt_lengths, response_lengths)
         inputs = {
             "input_ids": packed,
-            "attention_mask": _attention_mask(inner, layout.segments),
+            # a 4D mask is taken as it is: no (L, L) mask is built; the group says who attends
+            "attention_mask": torch.ones(B, 1, 1, 1, dtype=torch.bool, device=ids.device),
             "position_ids": layout.positions,
+            "prefopt_group": GroupAttention(index),
         }
         g, i, k = layout.label_mask.nonzero(as_tuple=True)
         rows, cols = g, layout.label_positions[g, i, k]
@@ -236,12 +241,12 @@ def _check_fused(inner: Any) -> bool:
 
 def _shared_layout(inner, ids, is_label, attention, lengths):
     """The packed layout of the batch's groups, or ``None`` when they cannot share."""
-    impl = getattr(getattr(inner, "config", None), "_attn_implementation", None)
-    if impl not in ("sdpa", "eager"):
-        _warn_once(
-            f"batch_logps: share_prefix needs 'sdpa' or 'eager' attention (4D masks); "
-            f"this model uses {impl!r}, so groups run unshared"
-        )
+    why = servable(inner, int((is_label.long().argmax(-1) + lengths).max()))
+    if why is None:
+        why = use_group_attention(inner)
+    if why is not None:
+        _warn_once(f"batch_logps: the shared group attention cannot serve this model ({why}), "
+                   "so groups run unshared")  # fmt: skip
         return None
     T = ids.shape[-1]
     starts = is_label.long().argmax(-1)  # (B, n): prompt length of each response's row
@@ -259,18 +264,7 @@ def _shared_layout(inner, ids, is_label, attention, lengths):
         and bool(((attention == 1) | ~in_sequence | ~real[..., None]).all())
     ):
         return None
-    return prefopt.layout.group_layout(prompt, lengths * real)
-
-
-def _attention_mask(inner: Any, segments: torch.Tensor) -> torch.Tensor:
-    """The (B, 1, L, L) block-causal mask in the form the model's attention takes."""
-    allowed = prefopt.layout.group_attention_mask(segments)[:, None]
-    if inner.config._attn_implementation == "sdpa":
-        return allowed  # boolean: exact whatever the compute dtype
-    dtype = next(inner.parameters()).dtype  # eager adds the mask to the scores
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
+    return prefopt.layout.group_layout(prompt, lengths * real), prompt, lengths * real
 
 
 def _token_logps(model, inner, inputs, rows, cols, targets, fused) -> torch.Tensor:
