@@ -1041,7 +1041,7 @@ def fused_linear_logps(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     chunk_size: int = 1024,
-    keep_logits_bytes: int = 2**28,
+    keep_logits_bytes: int = 0,
 ) -> torch.Tensor:
     r"""Token log-probabilities from the last hidden states, without the logits tensor.
 
@@ -1079,7 +1079,8 @@ def fused_linear_logps(
         ignore_index: Default -100.
         chunk_size: Rows per chunk. Default 1024.
         keep_logits_bytes: Most bytes of logits (in the compute dtype) kept from forward
-            for backward. Default ``2**28`` (256 MiB); 0 recomputes every chunk.
+            for backward instead of recomputed: less time, more memory from forward to
+            backward. Default 0: every chunk is recomputed, the least memory.
 
     Returns:
         (...) log-probabilities in float32 (float64 for float64 inputs).

@@ -1,6 +1,7 @@
 """Peak memory and time of forward + backward for token log-probs from hidden states:
 the naive path (full logits, then log_softmax, then gather) against prefopt's fused,
-chunked ``fused_linear_logps``, each measured in its own process, in the same run.
+chunked ``fused_linear_logps`` (recomputing each chunk's logits in backward, and keeping
+them: ``fused_kept``), each measured in its own process, in the same run.
 
     python benchmarks/bench_logps.py                  # 16 x 512 tokens, H 1024, V 32000
     python benchmarks/bench_logps.py --quick          # tiny sizes: a smoke run (CI)
@@ -25,7 +26,7 @@ import time
 from _measure import measure, measurement_options, rounds, rss_mib, table
 
 MODES = {
-    "torch": ("naive", "token_logps", "fused"),
+    "torch": ("naive", "token_logps", "fused", "fused_kept"),
     "jax": ("naive", "fused"),
 }
 
@@ -48,8 +49,11 @@ def torch_worker(args) -> dict:
     mask = labels != -100
 
     def step():
-        if args.mode == "fused":
-            per_token = fused_linear_logps(hidden, weight, labels, chunk_size=args.chunk)
+        if args.mode in ("fused", "fused_kept"):  # kept: no logits recomputed in backward
+            keep = 2**40 if args.mode == "fused_kept" else 0
+            per_token = fused_linear_logps(
+                hidden, weight, labels, chunk_size=args.chunk, keep_logits_bytes=keep
+            )
         elif args.mode == "token_logps":
             per_token = prefopt.token_logps(hidden @ weight.T, labels)
         else:

@@ -232,3 +232,58 @@ def test_a_sliding_window_shorter_than_a_sequence_runs_unshared_and_exact():
             got = batch_logps(model, data)[0]
     torch.testing.assert_close(got, one_at_a_time(model, data), rtol=1e-10, atol=1e-10)
     assert model.config._attn_implementation == "sdpa"
+
+
+# ---- the data's one way through a step: packed once, at collation ---------------------------
+
+
+def packed_batch(seed=0):
+    from prefopt.integrations.data import pack_groups
+
+    data = batch(seed)
+    numpy = {k: v.numpy() for k, v in data.items()}
+    return {**data, **{k: torch.from_numpy(v) for k, v in pack_groups(numpy).items()}}
+
+
+class Syncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that read a value back to the host (or need one to size their output)."""
+
+    READ_BACK = {"_local_scalar_dense", "nonzero", "masked_select", "item", "is_nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.READ_BACK:
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_collated_batch_runs_policy_and_reference_without_reading_a_value_back(monkeypatch):
+    import prefopt.backends.torch
+
+    from prefopt.integrations.transformers import reference_logps
+
+    # value checks read only arrays on the host (free there): take the tensors for a GPU's
+    monkeypatch.setattr(prefopt.backends.torch, "on_host", lambda x: False)
+
+    model, reference = tiny("llama", torch.float32), tiny("llama", torch.float32)
+    data = packed_batch()
+    batch_logps(model, data)  # the first call sets the attention implementation
+    batch_logps(reference, data)
+    with Syncs() as mode:
+        logps, _ = batch_logps(model, data)
+        ref = reference_logps(data, ref_model=reference)
+        (logps - ref).sum().backward()
+    assert mode.seen == []
+    with Syncs() as mode:  # a batch without its layout is packed now, reading lengths back
+        batch_logps(model, batch())
+    assert mode.seen
+
+
+def test_the_collators_layout_equals_the_one_packed_in_the_forward():
+    model = exact_norms(tiny("llama", torch.float64))
+    a, a_grads = grads(model, lambda: batch_logps(model, packed_batch())[0])
+    b, b_grads = grads(model, lambda: batch_logps(model, batch())[0])
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(a_grads, b_grads))

@@ -351,8 +351,9 @@ def test_lora_trains_the_adapter_against_the_adapter_free_base(tok, tmp_path):
                   train_dataset=PAIRS, processing_class=tok, peft_config=lora)  # fmt: skip
     assert t.ref_model is None  # no copy: the base with the adapter disabled
     batch = t.collator(PAIRS[:4])
-    ref = t._reference_logps(t.model, batch)
-    from prefopt.integrations.transformers import batch_logps
+    from prefopt.integrations.transformers import batch_logps, reference_logps
+
+    ref = reference_logps(batch, ref_model=t.ref_model, policy=t.model)
 
     with torch.no_grad():
         plain = builtin_model(tok, 0)

@@ -32,7 +32,7 @@ from prefopt.cli.reward import (
     read_prompts,
 )
 from prefopt.cli.task import builtin_model, builtin_tokenizer, copy_task_prompts, copy_task_reward
-from prefopt.integrations.data import collate_ids, preference_row
+from prefopt.integrations.data import preference_row
 from prefopt.integrations.transformers import PreferenceCollator, loss_and_metrics
 from prefopt.losses.registry import spec
 
@@ -347,7 +347,8 @@ def run(config: Config) -> list[dict[str, Any]]:
         torch.set_rng_state(state["torch_rng"])
         picker.setstate(_as_tuples(state["picker"]))
         records, start = state["records"], state["step"]
-    collator = PreferenceCollator(tokenizer, max_length=config.max_length) if rows else None
+    # offline rows are cut to max_length; sampled groups are collated uncut, as they came
+    collator = PreferenceCollator(tokenizer, max_length=config.max_length if rows else None)
     if rows:
         check_lengths(rows, places, collator, config.max_length)
     train_prompts, heldout, reward, what = (
@@ -377,10 +378,7 @@ def run(config: Config) -> list[dict[str, Any]]:
                     )
                 prompts = [picker.choice(train_prompts) for _ in range(config.prompts_per_step)]
                 groups = scored(model, tokenizer, prompts, config.responses, config, reward, what)
-                batch = {
-                    k: torch.from_numpy(v)
-                    for k, v in collate_ids(groups, tokenizer.pad_token_id).items()
-                }
+                batch = collator.collate_ids(groups)  # with its group layout, packed on the host
                 record["reward"] = float(batch["rewards"][batch["mask"]].mean())
             else:
                 batch = collator([picker.choice(rows) for _ in range(config.prompts_per_step)])

@@ -419,3 +419,75 @@ def group_loss_and_metrics(
         xp=xp,
     )
     return value, metrics
+
+
+# The keys of a collated batch that hold its group layout (see ``pack_groups``).
+PACKED = (
+    "packed_ids", "packed_positions", "packed_rows", "packed_cols", "packed_owner",
+    "packed_targets", "packed_queries", "packed_keys", "packed_allowed", "packed_output",
+)  # fmt: skip
+
+
+def pack_groups(batch: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The group layout of a collated batch: each prompt once, then its responses.
+
+    Computed once per batch, at collation (on the host, where reading the lengths costs
+    nothing), and used by the policy's and the reference's forward alike. Written against
+    the Array API: it takes NumPy arrays from [`collate_ids`][prefopt.integrations.data.collate_ids]
+    or the tensors of a collated batch.
+
+    Args:
+        batch: ``input_ids``, ``labels`` and ``attention_mask``, each (B, n, T).
+
+    Returns:
+        ``None`` when some group cannot share its prompt (its responses were cut to
+        different prompt tokens, an empty prompt, a response with no token, a padded
+        prompt); else the arrays named in ``PACKED``: the packed sequence
+        ``packed_ids`` and ``packed_positions`` (B, L) (see
+        [`group_layout`][prefopt.layout.group_layout]); for each response token, the
+        packed row and column whose output predicts it, its response ``b * n + i`` and its
+        id (``packed_rows``, ``packed_cols``, ``packed_owner``, ``packed_targets``, (N,));
+        and the index grids of [`response_attention`][prefopt.layout.response_attention]
+        (``packed_queries``, ``packed_keys``, ``packed_allowed``, ``packed_output``).
+    """
+    from prefopt.layout import group_layout, response_attention
+
+    ids, labels, attention = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    xp = prefopt._ops.get_namespace(ids)
+    B, n, T = ids.shape
+    is_label = labels != IGNORE
+    lengths = xp.sum(xp.astype(is_label, xp.int64), axis=-1)  # (B, n)
+    starts = xp.argmax(xp.astype(is_label, xp.int8), axis=-1)  # prompt length of each row
+    real = lengths > 0
+    prompt = starts[:, 0]  # response 0 of a group is always real (the collator fills first)
+    columns = xp.arange(T)
+    in_prompt = columns < prompt[:, None, None]
+    in_sequence = columns < (starts + lengths)[..., None]
+    same = (ids == ids[:, :1]) | ~in_prompt
+    if not (
+        bool(xp.all(real[:, 0]))
+        and bool(xp.all(prompt >= 1))
+        and bool(xp.all((starts == prompt[:, None]) | ~real))
+        and bool(xp.all(same | ~real[..., None]))
+        and bool(xp.all((attention == 1) | ~in_sequence | ~real[..., None]))
+    ):
+        return None
+    lengths = xp.where(real, lengths, 0)
+    lay = group_layout(prompt, lengths, xp=xp)
+    att = response_attention(lay, prompt, lengths, xp=xp)
+    R = lay.label_mask.shape[-1]
+    flat = xp.nonzero(xp.reshape(lay.label_mask, (-1,)))[0]  # every response token
+    g, i, k = flat // (n * R), (flat // R) % n, flat % R
+    rows_of_ids = xp.reshape(ids, (B, n * T))
+    return {
+        "packed_ids": xp.take_along_axis(rows_of_ids, lay.response * T + lay.column, axis=1),
+        "packed_positions": lay.positions,
+        "packed_rows": g,
+        "packed_cols": xp.take(xp.reshape(lay.label_positions, (-1,)), flat),
+        "packed_owner": g * n + i,
+        "packed_targets": xp.take(xp.reshape(ids, (-1,)), (g * n + i) * T + xp.take(prompt, g) + k),
+        "packed_queries": att.queries,
+        "packed_keys": att.keys,
+        "packed_allowed": att.allowed,
+        "packed_output": att.output,
+    }
