@@ -178,16 +178,18 @@ def group_attention_mask(segments: Array, *, xp: ModuleType | None = None) -> Ar
 
 
 class ResponseAttention(NamedTuple):
-    """Index grids of the shared group attention (see ``response_attention``).
+    r"""Index grids of the shared group attention (see ``response_attention``).
 
     Attributes:
         prompt: $P$, the longest prompt (an int).
         queries: (B, n, R) int: the packed position of token $j$ of response $i$ (0 past
-            the response's end).
+            the response's end); with shared keys (B, n R).
         keys: (B, n, K) int, $K = P + R$: the packed positions response $i$ attends to,
-            its group's prompt then its own tokens (0 where there is none).
+            its group's prompt then its own tokens (0 where there is none); with shared
+            keys (B, P), the prompt's positions $0 \dots P-1$ (every response attends
+            to the L packed keys; the shape tells $P$).
         allowed: (B, 1, R, K) bool: whether query $j$ of a response attends to key $k$
-            (the same for every response of a group).
+            (the same for every response of a group); with shared keys (B, 1, n R, L).
         output: (B, L) int: where packed position $t$'s attention output is read from, in
             the prompt's outputs ($P$ of them) followed by the responses' ($n R$).
     """
@@ -199,23 +201,43 @@ class ResponseAttention(NamedTuple):
     output: Array
 
 
+# Shared keys when the packed length is at most this many times a response's own sequence
+# P + R: the attention then computes at most this many times the scores it needs.
+SHARED_KEYS_MAX_WASTE = 2.0
+
+
 def response_attention(
-    layout: GroupLayout, prompt_lengths: Array, response_lengths: Array, *, xp=None
+    layout: GroupLayout,
+    prompt_lengths: Array,
+    response_lengths: Array,
+    *,
+    shared_keys: bool | None = None,
+    xp: ModuleType | None = None,
 ) -> ResponseAttention:
     r"""The attention of packed groups as a prompt part and a response part, with no (L, L) mask.
 
     The prompt of group $b$ attends causally to itself: in the packed sequence its $p_b$
     tokens come first, so a causal attention over the first $P = \max_b p_b$ positions
     gives them exactly (positions past $p_b$ are discarded). Response $i$ attends to its
-    prompt and causally to its own earlier tokens: its $r_i$ queries against the
-    $K = P + R$ keys ``keys[b, i]`` (the prompt's $p_b$, then its own $r_i$), a
-    bottom-right aligned causal mask ``allowed``. No tensor has two dimensions of size
-    $L$: the largest are the (B, n, K) gathered keys of each layer.
+    prompt and causally to its own earlier tokens, in one of two exact forms:
+
+    - **own keys**: its $r_i$ queries against the $K = P + R$ keys ``keys[b, i]`` (the
+      prompt's $p_b$, then its own $r_i$), a bottom-right aligned causal mask: the
+      attention computes only the scores it needs, and each layer gathers the prompt's
+      keys and values once per response;
+    - **shared keys**: all $n R$ response queries against the $L$ packed keys, the mask
+      allowing the prompt and the query's own earlier tokens: nothing is gathered, and
+      $L / (P + R)$ times the needed scores are computed.
+
+    ``shared_keys=None`` takes shared keys when $L \le 2 (P + R)$
+    (``SHARED_KEYS_MAX_WASTE``): long prompts, short responses. No tensor has two
+    dimensions of size $L$ or more: the masks are (R, P + R) and (n R, L), $n R < L$.
 
     Args:
         layout: The [`GroupLayout`][prefopt.layout.GroupLayout] of the batch.
         prompt_lengths: (B,) int, as given to ``group_layout``.
         response_lengths: (B, n) int, likewise.
+        shared_keys: The form (see above). Default ``None``: by the rule above.
         xp: The array namespace, if known.
 
     Returns:
@@ -225,29 +247,48 @@ def response_attention(
         >>> import numpy as np
         >>> from prefopt.layout import group_layout, response_attention
         >>> p, r = np.array([2]), np.array([[2, 1]])
-        >>> att = response_attention(group_layout(p, r), p, r)
+        >>> att = response_attention(group_layout(p, r), p, r, shared_keys=False)
         >>> att.keys.tolist()  # response 0: the prompt, then packed 2, 3; response 1: 4
         [[[0, 1, 2, 3], [0, 1, 4, 0]]]
         >>> att.allowed[0, 0].astype(int).tolist()  # bottom-right causal, for each response
         [[1, 1, 1, 0], [1, 1, 1, 1]]
         >>> att.output.tolist()  # prompt outputs 0, 1; then responses' rows of R = 2
         [[0, 1, 2, 3, 4]]
+        >>> shared = response_attention(group_layout(p, r), p, r, shared_keys=True)
+        >>> shared.allowed[0, 0].astype(int).tolist()  # queries 2, 3, 4 (and a pad) over all 5
+        [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 1], [1, 1, 0, 0, 0]]
     """
     xp = get_namespace(prompt_lengths, response_lengths, xp=xp)
     p = xp.astype(prompt_lengths, xp.int64)[:, None, None]  # (B, 1, 1)
     r = xp.astype(response_lengths, xp.int64)
+    B, n = r.shape
     R = layout.label_mask.shape[-1]
+    L = layout.segments.shape[1]
     P = int(xp.max(p))
     on = device(r)
     starts = (p[:, :, 0] + xp.cumulative_sum(r, axis=1) - r)[:, :, None]  # (B, n, 1)
     j = xp.arange(R, dtype=xp.int64, device=on)[None, None, :]
-    queries = xp.where(j < r[:, :, None], starts + j, 0)
+    queries = xp.where(j < r[:, :, None], starts + j, 0)  # (B, n, R)
+    seg = layout.segments
+    offset = layout.column - p[:, :, 0]  # a response token's index in its response
+    t = xp.arange(L, dtype=xp.int64, device=on)[None, :]
+    output = xp.where(seg == 0, t, xp.where(seg > 0, P + (seg - 1) * R + offset, 0))
+    if shared_keys is None:
+        shared_keys = L <= SHARED_KEYS_MAX_WASTE * (P + R)
+    if shared_keys:
+        i = xp.arange(n, dtype=xp.int64, device=on)[None, :, None, None]  # (1, n, 1, 1)
+        key = t[:, None, None, :]  # (1, 1, 1, L)
+        mine = (seg[:, None, None, :] == i + 1) & (key <= queries[..., None])
+        allowed = (key < p[..., None]) | mine  # (B, n, R, L); padded queries see key 0
+        return ResponseAttention(
+            P,
+            xp.reshape(queries, (B, n * R)),
+            xp.broadcast_to(t[:, :P], (B, P)),
+            xp.reshape(allowed, (B, 1, n * R, L)),
+            output,
+        )
     k = xp.arange(P + R, dtype=xp.int64, device=on)[None, None, :]
     own = k - p  # index of a key within the response, for k >= p
     keys = xp.where(k < p, k, xp.where(own < r[:, :, None], starts + own, 0))
     allowed = (k[:, :, None, :] < p[..., None]) | (own[:, :, None, :] <= j[:, :, :, None])
-    seg = layout.segments
-    offset = layout.column - p[:, :, 0]  # a response token's index in its response
-    t = xp.arange(seg.shape[1], dtype=xp.int64, device=on)[None, :]
-    output = xp.where(seg == 0, t, xp.where(seg > 0, P + (seg - 1) * R + offset, 0))
     return ResponseAttention(P, queries, keys, allowed, output)

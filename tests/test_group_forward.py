@@ -1,6 +1,7 @@
 """The group forward: each prompt once per group (packed, block-causal mask) and log-probs
 without the logits tensor, equal to running every response as its own sequence."""
 
+import math
 import types
 
 import pytest
@@ -88,6 +89,17 @@ def grads(model, fn):
 ARCHS = ["llama", "qwen2", "mistral", "gemma"]
 
 
+@pytest.fixture(params=["own keys", "shared keys"])
+def keys(request, monkeypatch):
+    """Both exact forms of the shared attention (prefopt.layout.response_attention)."""
+    import prefopt.layout
+
+    waste = 0.0 if request.param == "own keys" else math.inf
+    monkeypatch.setattr(prefopt.layout, "SHARED_KEYS_MAX_WASTE", waste)
+    return request.param
+
+
+@pytest.mark.usefixtures("keys")
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_shared_and_fused_equal_the_unshared_path(arch, dtype, rtol):
@@ -188,6 +200,7 @@ def long_prompt_batch():
     return {k: torch.from_numpy(v) for k, v in collate_ids(groups, pad_id=0).items()}
 
 
+@pytest.mark.usefixtures("keys")
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_no_tensor_grows_with_the_packed_length_squared(attn):
     model, data = tiny("llama", torch.float32, attn=attn), long_prompt_batch()
@@ -214,6 +227,7 @@ def test_group_attention_is_transparent_for_every_other_call():
     assert out.shape == (1, 6)
 
 
+@pytest.mark.usefixtures("keys")
 def test_gradient_checkpointing_recomputes_the_shared_attention_exactly():
     model, data = exact_norms(tiny("llama", torch.float64)), batch()
     base, base_grads = grads(model, lambda: batch_logps(model, data, share_prefix=False)[0])

@@ -86,12 +86,13 @@ def group_attention(
         return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                   **kwargs)  # fmt: skip
     idx = prefopt_group.index
-    B, heads, _, d = query.shape
-    n, R = idx.queries.shape[1:]
+    B, heads, L, d = query.shape
     P = idx.prompt
+    shared = idx.queries.ndim == 2  # shared keys: every response over the L packed keys
+    n, R = (1, idx.queries.shape[-1]) if shared else idx.queries.shape[1:]
     window = kwargs.get("sliding_window")
-    if window is not None and P + R <= window:
-        kwargs.pop("sliding_window")  # no sequence is longer than the window
+    if window is not None and (L if shared else P + R) <= window:
+        kwargs.pop("sliding_window")  # no query is that far from a key it may see
     for name in ("softcap", "sliding_window", "s_aux"):
         if kwargs.get(name) is not None:
             raise ValueError(
@@ -106,16 +107,21 @@ def group_attention(
     )  # fmt: skip
 
     def rows(x, index):  # (B, h, L, d) at (B, n, m) positions -> (B * n, h, m, d)
+        index = index.reshape(B, n, -1)
         picked = x[torch.arange(B, device=x.device)[:, None, None], :, index]  # (B, n, m, h, d)
         return picked.permute(0, 1, 3, 2, 4).reshape(B * n, x.shape[1], index.shape[-1], d)
 
-    mask = idx.allowed.expand(B, n, R, P + R).reshape(B * n, 1, R, P + R)
+    if shared:
+        k, v, mask = key, value, idx.allowed
+    else:
+        k, v = rows(key, idx.keys), rows(value, idx.keys)
+        mask = idx.allowed.expand(B, n, R, P + R).reshape(B * n, 1, R, P + R)
     responses = torch.nn.functional.scaled_dot_product_attention(
-        rows(query, idx.queries), rows(key, idx.keys), rows(value, idx.keys), attn_mask=mask,
-        scale=scaling, dropout_p=drop, enable_gqa=gqa,
+        rows(query, idx.queries), k, v, attn_mask=mask, scale=scaling, dropout_p=drop,
+        enable_gqa=gqa,
     )  # fmt: skip
     responses = responses.reshape(B, n, heads, R, d).permute(0, 2, 1, 3, 4)
-    both = torch.cat([prompt, responses.reshape(B, heads, n * R, d)], dim=2)
+    both = torch.cat([prompt, responses.reshape(B, heads, n * R, d)], dim=2)  # (B, h, P + nR, d)
     out = torch.take_along_dim(both, idx.output[:, None, :, None], dim=2)  # (B, h, L, d)
     return out.transpose(1, 2).contiguous(), None
 

@@ -102,8 +102,9 @@ def batch_logps(
         owner, targets = rows, labels.reshape(B * n, T)[rows, cols + 1]
     else:
         queries, keys = packed["packed_queries"], packed["packed_keys"]
+        shared_keys = queries.ndim == 2  # P read from the shapes: no value read back
         index = ResponseAttention(
-            keys.shape[-1] - queries.shape[-1],  # P = K - R, read from the shapes
+            keys.shape[-1] if shared_keys else keys.shape[-1] - queries.shape[-1],
             queries,
             keys,
             packed["packed_allowed"],
@@ -168,8 +169,8 @@ def _packed(inner: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     packed = {k: batch[k] for k in PACKED} if PACKED[0] in batch else pack_groups(batch)
     if packed is None:
         return None
-    # P + R, the prompt and response bounds of the layout, bounds every response's sequence
-    why = servable(inner, packed["packed_keys"].shape[-1]) or use_group_attention(inner)
+    # the last dimension of the mask (P + R, or L) bounds how far a query sees back
+    why = servable(inner, packed["packed_allowed"].shape[-1]) or use_group_attention(inner)
     if why is not None:
         _warn_once(f"batch_logps: the shared group attention cannot serve this model ({why}), "
                    "so groups run unshared")  # fmt: skip
