@@ -1000,11 +1000,11 @@ def _fused_backward(ctx, grad_out):
     grad_bias = torch.zeros_like(bias, dtype=lse.dtype) if need_bias else None
     for c, (start, stop) in enumerate(chunks):
         h, g = hidden[start:stop], grad_out[start:stop]
-        logits, ctx.kept[c] = ctx.kept[c], None  # a second backward recomputes
-        if logits is None:
-            logits = _chunk_logits(h, weight, bias)
+        kept, ctx.kept[c] = ctx.kept[c], None  # a second backward recomputes
+        logits = _chunk_logits(h, weight, bias) if kept is None else kept
         # d log p_y / d logits = onehot(y) - softmax(logits): built in place on the chunk
-        grad_logits = logits.to(lse.dtype, copy=True)
+        # (on a copy of kept logits; recomputed ones are the chunk's own)
+        grad_logits = logits.to(lse.dtype, copy=kept is not None)
         grad_logits.sub_(lse[start:stop, None]).exp_().mul_(-g[:, None])
         grad_logits.scatter_add_(-1, labels[start:stop, None], g[:, None])
         if need_bias:

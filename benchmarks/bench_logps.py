@@ -1,7 +1,8 @@
 """Peak memory and time of forward + backward for token log-probs from hidden states:
 the naive path (full logits, then log_softmax, then gather) against prefopt's fused,
 chunked ``fused_linear_logps`` (recomputing each chunk's logits in backward, and keeping
-them: ``fused_kept``), each measured in its own process, in the same run.
+them: ``fused_kept``) and, on a GPU where it is installed, Liger-Kernel's fused linear
+cross-entropy (``liger``), each measured in its own process, in the same run.
 
     python benchmarks/bench_logps.py                  # 16 x 512 tokens, H 1024, V 32000
     python benchmarks/bench_logps.py --quick          # tiny sizes: a smoke run (CI)
@@ -22,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from importlib.util import find_spec
 
 from _measure import measure, measurement_options, rounds, rss_mib, table
 
@@ -48,7 +50,18 @@ def torch_worker(args) -> dict:
     labels[:, : args.seq // 4] = -100  # a prompt
     mask = labels != -100
 
+    if args.mode == "liger":  # Liger-Kernel's fused linear cross-entropy (Triton, CUDA only)
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")  # -(the counted log-probs)
+
     def step():
+        if args.mode == "liger":
+            flat = hidden.reshape(-1, args.hidden)
+            loss = -liger(weight, flat, labels.reshape(-1))
+            loss.backward()
+            hidden.grad = weight.grad = None
+            return loss.item()
         if args.mode in ("fused", "fused_kept"):  # kept: no logits recomputed in backward
             keep = 2**40 if args.mode == "fused_kept" else 0
             per_token = fused_linear_logps(
@@ -126,7 +139,10 @@ def main():
     if args.quick:
         argv += ["--rows", "4", "--seq", "64", "--hidden", "32", "--vocab", "1000"]
         argv += ["--chunk", "64", "--repeats", "1"]
-    results = rounds(__file__, argv, MODES[args.framework], args.rounds)
+    modes = MODES[args.framework]
+    if args.framework == "torch" and args.device != "cpu" and find_spec("liger_kernel"):
+        modes = (*modes, "liger")  # compared where it installs
+    results = rounds(__file__, argv, modes, args.rounds)
     print(
         f"{args.framework} {args.device} {args.dtype}: {args.rows} x {args.seq} tokens, "
         f"hidden {args.hidden}, vocab {args.vocab}, chunk {args.chunk}; "

@@ -3,8 +3,9 @@
 A step is the policy's forward and backward, the reference's forward (no gradient) and
 the MPO loss, on B groups of n responses. ``unshared`` runs B·n full sequences and their
 whole logits (the path before the group forward: ``share_prefix=False, fused=False``);
-``shared`` runs each group's prompt once in a packed sequence and only response positions
-through the output layer, in chunks (the defaults of ``batch_logps``). With ``--pairs``,
+``shared`` runs each group's prompt once in a packed sequence (the shared attention) and
+only response positions through the output layer, in chunks (the defaults of
+``batch_logps``). With ``--pairs``,
 n = 2 and the step of prefopt's ``PreferenceTrainer`` is timed against TRL's
 ``DPOTrainer`` (``trl``) on the same model and batch (TRL must be installed).
 
@@ -12,9 +13,13 @@ n = 2 and the step of prefopt's ``PreferenceTrainer`` is timed against TRL's
                                                # prompt 256, responses 64, float32, CPU
     python benchmarks/bench_step.py --pairs    # n = 2, B 8: PreferenceTrainer vs DPOTrainer
     python benchmarks/bench_step.py --quick    # tiny sizes: a smoke run (CI)
+    python benchmarks/bench_step.py --prompt 2048 --response 128   # a long prompt
     python benchmarks/bench_step.py --device cuda --dtype bfloat16 --vocab 128256
+    python benchmarks/bench_step.py --device cuda --attn flash_attention_2   # with flash_attn
 
-Targets (groups): time at most 0.2x, peak memory growth at most 0.15x of ``unshared``;
+Targets (groups, the bench size): time at most 0.24x, peak memory growth at most 0.12x of
+``unshared`` (measure with ``MALLOC_MMAP_THRESHOLD_=65536`` on the CPU: freed blocks then
+leave the resident set);
 (pairs): at most 1.0x TRL's time. Each path runs in its own process, alternating over
 ``--rounds``; time is the best of ``--repeats`` steps after a warm-up; memory is the growth
 of the peak resident set over the one once model and batch exist (CUDA: allocated).
@@ -60,6 +65,7 @@ def worker(args) -> dict:
         max_position_embeddings=args.prompt + args.response + 8,
         tie_word_embeddings=False,
     )
+    config._attn_implementation = args.attn
     policy = transformers.LlamaForCausalLM(config).to(dev, dtype)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(1)
@@ -141,6 +147,7 @@ def main():
     parser.add_argument("--n", type=int, default=8, help="responses per prompt")
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens")
     parser.add_argument("--response", type=int, default=64, help="tokens per response")
+    parser.add_argument("--attn", default="sdpa", help="attention implementation of the model")
     measurement_options(parser)
     args = parser.parse_args()
     if args.quick:
@@ -157,7 +164,8 @@ def main():
     argv = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("quick", "pairs", "mode")]
     results = rounds(__file__, argv, modes, args.rounds)
     print(
-        f"{args.device} {args.dtype}: Llama H {args.hidden}, {args.layers} layers, V {args.vocab}; "
+        f"{args.device} {args.dtype} {args.attn}: Llama H {args.hidden}, {args.layers} layers, "
+        f"V {args.vocab}; "
         f"B {args.groups} x n {args.n}, prompt {args.prompt}, responses {args.response}; "
         f"best of {args.repeats} (+1 warm-up) x {args.rounds} rounds"
     )

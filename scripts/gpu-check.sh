@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# GPU check (issues 2-4): the parity suite with torch on CUDA and JAX on the GPU, then the
-# loss and log-prob benchmarks on the GPU. Meant to finish in under 5 minutes on one H100/H200.
+# GPU check: the parity suite with torch on CUDA and JAX on the GPU, the group forward and
+# bf16 training on CUDA, then the loss, log-prob and step benchmarks on the GPU (bf16,
+# vocabulary 128k). Meant to finish within 10 minutes on one H100/H200.
 #
 # The lent GPU machine has torch and jax but not array-api-compat / array-api-strict; carry
 # them as wheels (pure Python). Here, once, in the repository root:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl \
 #       array-api-compat==1.16.0 array-api-strict==2.6.1
+# Optional, compared where they install: liger-kernel (Triton; pure Python) and flash-attn
+# (a wheel for the machine's torch and CUDA); each step says when one is missing.
 # Then run `bash scripts/gpu-check.sh` there with .whl carried. Output also goes to $OUT.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -52,14 +55,66 @@ for x, z in zip((a, *ga), (b, h.grad, w.grad)):
 print("fused == naive on CUDA (float64)")
 PY
 
+  echo "== the group forward on CUDA: exact in float64, sdpa (and flash_attention_2 if it installs)"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_group_forward.py \
+    tests/test_mixed_precision.py || echo '!! group forward / mixed precision tests (CPU tensors) failed'
+  timeout 120 python3 - <<'PY' || echo '!! group forward on CUDA failed'
+import torch, transformers
+from prefopt.integrations.data import collate_ids, pack_groups
+from prefopt.integrations.transformers import batch_logps
+torch.manual_seed(0)
+cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+g = torch.Generator().manual_seed(0)
+ids = lambda k: torch.randint(3, 101, (k,), generator=g).tolist()
+groups = [(ids(40), [ids(5), ids(1), ids(7)], [1.0, 0.0, 0.5]), (ids(9), [ids(3), ids(4)], [0.2, 0.9])]
+b = collate_ids(groups, pad_id=0); b.update(pack_groups(b))
+batch = {k: torch.from_numpy(v).cuda() for k, v in b.items()}
+impls = ["sdpa"]
+try:
+    import flash_attn  # noqa: F401
+    impls.append("flash_attention_2")
+except ImportError:
+    print("flash_attn not installed: flash_attention_2 skipped")
+for impl, dtype, tol in [("sdpa", torch.float64, 1e-10)] + [(i, torch.bfloat16, 2e-2) for i in impls]:
+    model = transformers.LlamaForCausalLM(cfg).to("cuda", dtype)
+    model.config._attn_implementation = impl if dtype != torch.float64 else "sdpa"
+    shared = batch_logps(model, batch)[0]
+    base = batch_logps(model, batch, share_prefix=False, fused=False)[0]
+    torch.testing.assert_close(shared.double(), base.double(), rtol=tol, atol=tol)
+    print(impl, dtype, "shared == unshared on CUDA", model.config._attn_implementation)
+PY
+
+  echo "== PreferenceTrainer(bf16=True) on CUDA: 2 steps, the compute dtype of a decoder layer"
+  timeout 120 python3 - <<'PY' || echo '!! bf16 trainer on CUDA failed'
+import torch, transformers
+from prefopt.cli.task import builtin_model, builtin_tokenizer
+from prefopt.integrations.transformers import PreferenceConfig, PreferenceTrainer
+transformers.logging.set_verbosity_error()
+tok = builtin_tokenizer(); model = builtin_model(tok, 0).cuda()
+seen = []
+model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+rows = [{"prompt": "copy: a b", "responses": [" b b", " a", " c"], "rewards": [1.0, 0.0, 0.5]}] * 4
+args = PreferenceConfig(output_dir="/tmp/prefopt-bf16", per_device_train_batch_size=2,
+    max_steps=2, bf16=True, report_to=[], save_strategy="no", disable_tqdm=True)
+PreferenceTrainer(model, args=args, train_dataset=rows, processing_class=tok).train()
+print("compute dtypes of decoder layer 0 (policy and reference):", seen)
+assert set(seen) == {torch.bfloat16}, seen
+PY
+
   echo "== benchmark: torch on CUDA (eager, compile), jax.jit on the GPU"
   timeout 200 python3 benchmarks/bench_losses.py --device cuda || echo '!! bench_losses failed'
 
-  echo "== log-probs: naive vs fused, bf16, vocabulary 128k, on CUDA"
-  timeout 200 python3 benchmarks/bench_logps.py --device cuda --dtype bfloat16 --vocab 128256 \
-    --rows 16 --seq 512 --hidden 2048 --chunk 2048 --repeats 3 --rounds 1 || echo '!! bench_logps failed'
+  echo "== log-probs: naive, token_logps, fused (recomputed, kept), Liger if installed; bf16, V 128k"
+  timeout 150 python3 benchmarks/bench_logps.py --device cuda --dtype bfloat16 --vocab 128256 \
+    --rows 16 --seq 512 --hidden 2048 --chunk 256 --repeats 3 --rounds 1 || echo '!! bench_logps failed'
 
-  echo "== one MPO step: unshared vs the group forward, bf16, vocabulary 128k, on CUDA"
-  timeout 200 python3 benchmarks/bench_step.py --device cuda --dtype bfloat16 --vocab 128256 \
-    --repeats 3 --rounds 1 || echo '!! bench_step failed'
+  echo "== one MPO step: unshared vs the group forward, bf16, V 128k: bench size and prompt 2048"
+  for attn in sdpa flash_attention_2; do
+    for size in "--prompt 256 --response 64" "--prompt 2048 --response 128"; do
+      # shellcheck disable=SC2086
+      timeout 100 python3 benchmarks/bench_step.py --device cuda --dtype bfloat16 --vocab 128256 \
+        --attn "$attn" $size --repeats 3 --rounds 1 || echo "!! bench_step $attn $size failed"
+    done
+  done
 } 2>&1 | tee "$out/gpu-check.log"

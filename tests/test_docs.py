@@ -18,6 +18,7 @@ def public_symbols():
         "prefopt.backends.jax",
         "prefopt.integrations.data",
         "prefopt.integrations.transformers",
+        "prefopt.integrations.attention",
         "prefopt.integrations.jax",
         "prefopt.losses.registry",
         "prefopt.layout",
