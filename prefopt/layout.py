@@ -285,7 +285,7 @@ def response_attention(
         return ResponseAttention(
             P,
             xp.reshape(queries, (B, n * R)),
-            xp.broadcast_to(t[:, :P], (B, P)),
+            xp.zeros((B, P), dtype=xp.int64, device=on) + t[:, :P],  # an array, not a view
             xp.reshape(allowed, (B, 1, n * R, L)),
             output,
         )

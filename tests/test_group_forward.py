@@ -274,10 +274,10 @@ class Syncs(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_a_collated_batch_runs_policy_and_reference_without_reading_a_value_back(monkeypatch):
+def test_a_collated_batch_trains_a_step_without_reading_a_value_back(monkeypatch):
     import prefopt.backends.torch
 
-    from prefopt.integrations.transformers import reference_logps
+    from prefopt.integrations.transformers import loss_and_metrics
 
     # value checks read only arrays on the host (free there): take the tensors for a GPU's
     monkeypatch.setattr(prefopt.backends.torch, "on_host", lambda x: False)
@@ -286,11 +286,10 @@ def test_a_collated_batch_runs_policy_and_reference_without_reading_a_value_back
     data = packed_batch()
     batch_logps(model, data)  # the first call sets the attention implementation
     batch_logps(reference, data)
-    with Syncs() as mode:
-        logps, _ = batch_logps(model, data)
-        ref = reference_logps(data, ref_model=reference)
-        (logps - ref).sum().backward()
-    assert mode.seen == []
+    with Syncs() as mode:  # the whole step: both forwards, the loss, its metrics, backward
+        loss, metrics, _ = loss_and_metrics(model, data, ref_model=reference)
+        loss.backward()
+    assert mode.seen == [] and set(metrics) >= {"rewards/margins", "groups/degenerate"}
     with Syncs() as mode:  # a batch without its layout is packed now, reading lengths back
         batch_logps(model, batch())
     assert mode.seen
