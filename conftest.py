@@ -12,6 +12,12 @@ _NEEDS = {
     "backends/jax.py": "jax",
     "prefopt/cli": "transformers",
     "prefopt/integrations/transformers.py": "transformers",
+    "prefopt/integrations/attention.py": "transformers",
+    "prefopt/integrations/collator.py": "torch",
+    "prefopt/integrations/config.py": "transformers",
+    "prefopt/integrations/forward.py": "transformers",
+    "prefopt/integrations/trainer.py": "transformers",
+    "prefopt/integrations/trl.py": "trl",
     "prefopt/integrations/jax.py": "optax",
 }
 
