@@ -19,6 +19,7 @@ def public_symbols():
         "prefopt.integrations.data",
         "prefopt.integrations.transformers",
         "prefopt.integrations.attention",
+        "prefopt.integrations.trl",
         "prefopt.integrations.jax",
         "prefopt.losses.registry",
         "prefopt.layout",

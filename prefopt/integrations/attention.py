@@ -60,7 +60,9 @@ def group_attention(
       bottom-right aligned causal mask of
       [`response_attention`][prefopt.layout.response_attention];
 
-    so every token sees exactly what it sees in its own unshared sequence.
+    so every token sees exactly what it sees in its own unshared sequence. With shared keys
+    (long prompts: see ``response_attention``) the responses' queries attend to all $L$
+    packed keys at once under the mask that allows the same keys.
 
     Args:
         module: The attention layer (Hugging Face's signature).

