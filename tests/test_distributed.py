@@ -76,3 +76,24 @@ def test_jax_eight_devices_match_one_device():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["moved"] > 1e-3  # the steps did train
     assert result["loss_diff"] < 1e-12 and result["param_diff"] < 1e-12
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known, not yet explained: on the same whole groups, 2 processes give a gradient "
+    "norm 7e-5 relative away from 1 process's (1.57633 against 1.57622), so the parameters "
+    "part after one step; PreferenceTrainer's 2-process run matches to 1e-7",
+)
+def test_grpo_engine_two_processes_match_one_process(tmp_path):
+    # GroupPreferenceGRPOTrainer: each process keeps its own whole groups (TRL gathers the
+    # rewards, prefopt takes back its share); DDP averages the gradients of equal group counts
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("trl")
+    script = SCRIPTS / "grpo_run.py"
+    a, b = one_and_two_processes(torch, tmp_path, script, 29521, ("--batch", 8), ("--batch", 4))
+    assert (a["world"], b["world"]) == (1, 2)
+    assert len(a["losses"]) == 3 and a["losses"][0] > 0
+    torch.testing.assert_close(
+        torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=1e-6, atol=0
+    )
+    torch.testing.assert_close(b["params"], a["params"], rtol=1e-5, atol=1e-7)
