@@ -102,6 +102,33 @@ print("compute dtypes of decoder layer 0 (policy and reference):", seen)
 assert set(seen) == {torch.bfloat16}, seen
 PY
 
+  echo "== MPO on TRL's GRPO engine with vLLM (colocate), 3 steps, if vllm is installed"
+  timeout 240 python3 - <<'PY' || echo '!! GRPO engine with vLLM failed'
+import importlib.util
+if importlib.util.find_spec("vllm") is None:
+    print("vllm is not installed: the vLLM colocate run is skipped")
+    raise SystemExit(0)
+import datasets, trl
+from prefopt.cli.task import builtin_model, builtin_tokenizer, copy_task_prompts, copy_task_reward
+from prefopt.integrations.trl import GroupPreferenceGRPOTrainer
+tok = builtin_tokenizer(); builtin_model(tok, 0).save_pretrained("/tmp/prefopt-tiny")
+tok.save_pretrained("/tmp/prefopt-tiny")
+reward = lambda prompts, completions, **kw: [copy_task_reward(p, c) for p, c in zip(prompts, completions)]
+args = trl.GRPOConfig(output_dir="/tmp/prefopt-grpo-vllm", num_generations=8,
+    per_device_train_batch_size=16, max_completion_length=6, max_steps=3, use_vllm=True,
+    vllm_mode="colocate", vllm_gpu_memory_utilization=0.2, report_to=[], save_strategy="no",
+    logging_steps=1, disable_tqdm=True)
+prompts = datasets.Dataset.from_list([{"prompt": p} for p in copy_task_prompts(0)[0]])
+t = GroupPreferenceGRPOTrainer("/tmp/prefopt-tiny", reward_funcs=reward, args=args,
+    train_dataset=prompts, processing_class=tok)
+t.train()
+print("vLLM colocate: 3 steps, losses", [h["loss"] for h in t.state.log_history if "loss" in h])
+PY
+
+  echo "== one on-policy step on TRL's GRPO engine: stock GRPO against MPO, bf16, on CUDA"
+  timeout 120 python3 benchmarks/bench_grpo.py --device cuda --dtype bfloat16 --vocab 128256 \
+    --repeats 3 || echo '!! bench_grpo failed'
+
   echo "== benchmark: torch on CUDA (eager, compile), jax.jit on the GPU"
   timeout 200 python3 benchmarks/bench_losses.py --device cuda || echo '!! bench_losses failed'
 
