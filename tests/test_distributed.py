@@ -33,6 +33,14 @@ def one_and_two_processes(torch, tmp_path, script, port, one_args=(), two_args=(
     return torch.load(tmp_path / "one" / "result.pt"), torch.load(tmp_path / "two" / "result.pt")
 
 
+def assert_same_run(torch, a, b):
+    """The same logged losses and final parameters, up to float32 reduction order."""
+    torch.testing.assert_close(
+        torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=1e-6, atol=0
+    )
+    torch.testing.assert_close(b["params"], a["params"], rtol=1e-5, atol=1e-7)
+
+
 def test_torchrun_two_processes_match_one_process(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
@@ -40,11 +48,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     a, b = one_and_two_processes(torch, tmp_path, script, 29517, ("--batch", 4), ("--batch", 2))
     assert (a["world"], b["world"]) == (1, 2)
     assert len(a["losses"]) == 3
-    # same global batch of whole groups: same logged losses, same parameters
-    torch.testing.assert_close(
-        torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=1e-6, atol=0
-    )
-    torch.testing.assert_close(b["params"], a["params"], rtol=1e-5, atol=1e-7)
+    assert_same_run(torch, a, b)  # same global batch of whole groups
     # FSDP asked for through the Trainer on CPU: accelerate would quietly run DDP instead
     fsdp = torchrun(script, 29519, "--batch", 2, "--fsdp", "--out", tmp_path / "fsdp")
     out = subprocess.run(fsdp, capture_output=True, text=True, env=ENV, timeout=300)
@@ -59,10 +63,7 @@ def test_fsdp_two_processes_match_one_process(tmp_path):
     pytest.importorskip("transformers")
     a, b = one_and_two_processes(torch, tmp_path, SCRIPTS / "fsdp_run.py", 29518)
     assert (a["world"], a["sharded"], b["world"], b["sharded"]) == (1, False, 2, True)
-    torch.testing.assert_close(
-        torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=1e-6, atol=0
-    )
-    torch.testing.assert_close(b["params"], a["params"], rtol=1e-5, atol=1e-7)
+    assert_same_run(torch, a, b)
 
 
 def test_jax_eight_devices_match_one_device():
@@ -93,7 +94,4 @@ def test_grpo_engine_two_processes_match_one_process(tmp_path):
     a, b = one_and_two_processes(torch, tmp_path, script, 29521, ("--batch", 8), ("--batch", 4))
     assert (a["world"], b["world"]) == (1, 2)
     assert len(a["losses"]) == 3 and a["losses"][0] > 0
-    torch.testing.assert_close(
-        torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=1e-6, atol=0
-    )
-    torch.testing.assert_close(b["params"], a["params"], rtol=1e-5, atol=1e-7)
+    assert_same_run(torch, a, b)
