@@ -79,13 +79,6 @@ def test_jax_eight_devices_match_one_device():
     assert result["loss_diff"] < 1e-12 and result["param_diff"] < 1e-12
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known, not yet explained: on the same whole groups the first gradient norm is "
-    "1.57633 with micro-batches of one group (2 processes, or 1 process and 2 accumulation "
-    "steps) and 1.57622 with one micro-batch of two; in-process, batch_logps gives the same "
-    "for both (1.57539); PreferenceTrainer's 2-process run matches to 1e-7",
-)
 def test_grpo_engine_two_processes_match_one_process(tmp_path):
     # GroupPreferenceGRPOTrainer: each process keeps its own whole groups (TRL gathers the
     # rewards, prefopt takes back its share); DDP averages the gradients of equal group counts

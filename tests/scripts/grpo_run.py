@@ -55,6 +55,7 @@ def main():
         per_device_train_batch_size=args.batch, max_completion_length=6, max_steps=args.steps,
         learning_rate=0.05, optim="sgd", lr_scheduler_type="constant", report_to=[],
         logging_steps=1, use_cpu=True, seed=0, data_seed=0, save_strategy="no", disable_tqdm=True,
+        bf16=False,  # GRPOConfig defaults to bf16: float32 for a comparison to rounding
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )  # fmt: skip
     trainer = GroupPreferenceGRPOTrainer(
