@@ -184,3 +184,29 @@ def test_vllm_settings_reach_trl_untouched(tmp_path):
     with pytest.raises(type(theirs.value)) as ours:
         trainer(tmp_path, **kw)
     assert str(ours.value) == str(theirs.value)
+
+
+def test_a_reward_function_with_the_wrong_count_gets_trls_one_line(tmp_path):
+    def short(prompts, completions, **kwargs):
+        return [1.0]
+
+    t = trainer(tmp_path, reward=short)
+    with pytest.raises(ValueError, match=r"'short' returned 1 rewards, but 8 were expected"):
+        t.train()
+
+
+def test_nan_rewards_leave_their_completions_out_of_the_group(tmp_path):
+    def some_nan(prompts, completions, **kwargs):
+        return [None if i % 4 == 3 else float(i) for i in range(len(completions))]
+
+    t = trainer(tmp_path, reward=some_nan)
+    t.train()
+    _, batch, loss = t.seen[0]
+    assert batch["mask"].sum(-1).tolist() == [3, 3] and math.isfinite(loss)
+
+
+def test_a_model_without_a_tokenizer_is_refused(tmp_path):
+    model = builtin_model(builtin_tokenizer(), 0)
+    with pytest.raises(ValueError, match="pass processing_class"):
+        GroupPreferenceGRPOTrainer(model, reward_funcs=length_reward, args=config(tmp_path),
+                                   train_dataset=PROMPTS)  # fmt: skip

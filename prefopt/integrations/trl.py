@@ -123,6 +123,17 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
                 )
         if kwargs.get("tools") or kwargs.get("environment_factory"):
             raise ValueError(f"{WHERE}: tool calls and environments are not supported yet")
+        if (
+            len(positional) < 2  # processing_class is GRPOTrainer's 6th argument
+            and kwargs.get("processing_class") is None
+            and not isinstance(model, str)
+            and not getattr(getattr(model, "config", None), "_name_or_path", "")
+        ):
+            raise ValueError(
+                f"{WHERE}: this model has no path to load a tokenizer from; pass "
+                "processing_class (its tokenizer)"
+            )
+
         # The reference is copied before GRPOTrainer patches the policy's forward with its
         # fused LM head: a copy made after would keep calling the policy's own forward.
         reference = None
