@@ -124,7 +124,7 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
         if kwargs.get("tools") or kwargs.get("environment_factory"):
             raise ValueError(f"{WHERE}: tool calls and environments are not supported yet")
         if (
-            len(positional) < 2  # processing_class is GRPOTrainer's 6th argument
+            len(positional) < 3  # processing_class: after train_dataset and eval_dataset
             and kwargs.get("processing_class") is None
             and not isinstance(model, str)
             and not getattr(getattr(model, "config", None), "_name_or_path", "")
