@@ -34,7 +34,9 @@ def one_and_two_processes(torch, tmp_path, script, port, one_args=(), two_args=(
 
 
 def assert_same_run(torch, a, b):
-    """The same logged losses and final parameters, up to float32 reduction order."""
+    """One process and two: the same logged losses and final parameters, up to float32
+    reduction order."""
+    assert (a["world"], b["world"]) == (1, 2)
     torch.testing.assert_close(
         torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=1e-6, atol=0
     )
@@ -46,7 +48,6 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     pytest.importorskip("transformers")
     script = SCRIPTS / "trainer_run.py"
     a, b = one_and_two_processes(torch, tmp_path, script, 29517, ("--batch", 4), ("--batch", 2))
-    assert (a["world"], b["world"]) == (1, 2)
     assert len(a["losses"]) == 3
     assert_same_run(torch, a, b)  # same global batch of whole groups
     # FSDP asked for through the Trainer on CPU: accelerate would quietly run DDP instead
@@ -86,6 +87,5 @@ def test_grpo_engine_two_processes_match_one_process(tmp_path):
     pytest.importorskip("trl")
     script = SCRIPTS / "grpo_run.py"
     a, b = one_and_two_processes(torch, tmp_path, script, 29521, ("--batch", 8), ("--batch", 4))
-    assert (a["world"], b["world"]) == (1, 2)
     assert len(a["losses"]) == 3 and a["losses"][0] > 0
     assert_same_run(torch, a, b)

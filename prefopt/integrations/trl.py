@@ -18,12 +18,11 @@ from typing import Any
 import torch
 import transformers
 import trl
-from accelerate.utils import is_peft_model
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import split_tensor_dict
 
 from prefopt.integrations.collator import PreferenceCollator
-from prefopt.integrations.forward import loss_and_metrics
+from prefopt.integrations.forward import _is_peft, loss_and_metrics
 from prefopt.integrations.trainer import disable_dropout
 from prefopt.losses.inputs import check_options
 from prefopt.losses.registry import spec
@@ -138,7 +137,7 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
         # fused LM head: a copy made after would keep calling the policy's own forward.
         reference = None
         beta = getattr(args, "beta", 0.0)
-        if beta == 0.0 and kwargs.get("peft_config") is None and not is_peft_model(model):
+        if beta == 0.0 and kwargs.get("peft_config") is None and not _is_peft(model):
             if isinstance(model, str):
                 init = dict(getattr(args, "model_init_kwargs", None) or {})
                 reference = transformers.AutoModelForCausalLM.from_pretrained(model, **init)

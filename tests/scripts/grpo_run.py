@@ -11,9 +11,9 @@ import argparse
 import os
 
 import datasets
-import torch
 import transformers
 import trl
+from _result import save_result
 
 from prefopt.cli.task import LETTERS, builtin_model, builtin_tokenizer, copy_task_reward
 from prefopt.integrations.trl import GroupPreferenceGRPOTrainer
@@ -63,18 +63,7 @@ def main():
         processing_class=tok, rollout_func=rollout,
     )  # fmt: skip
     trainer.train()
-    if trainer.is_world_process_zero():
-        params = torch.cat([p.detach().ravel() for p in trainer.model.parameters()])
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        torch.save(
-            {
-                "params": params,
-                "losses": losses,
-                "world": trainer.args.world_size,
-                "norms": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h],
-            },
-            os.path.join(args.out, "result.pt"),
-        )
+    save_result(trainer, args.out)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ enables on GPUs only: the trainer must refuse rather than run plain DDP.
 import argparse
 import os
 
-import torch
 import transformers
+from _result import save_result
 
 from prefopt.cli.task import builtin_model, builtin_tokenizer
 from prefopt.integrations.transformers import PreferenceConfig, PreferenceTrainer
@@ -59,13 +59,7 @@ def main():
         processing_class=tok,
     )
     trainer.train()
-    if trainer.is_world_process_zero():
-        params = torch.cat([p.detach().ravel() for p in trainer.model.parameters()])
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        torch.save(
-            {"params": params, "losses": losses, "world": trainer.args.world_size},
-            os.path.join(args.out, "result.pt"),
-        )
+    save_result(trainer, args.out)
 
 
 if __name__ == "__main__":
