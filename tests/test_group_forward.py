@@ -80,8 +80,8 @@ def one_at_a_time(model, data):
 
 def grads(model, fn):
     model.zero_grad()
-    weights = torch.linspace(0.5, 1.5, 12).reshape(3, 4)
     value = fn()
+    weights = torch.linspace(0.5, 1.5, value.numel()).reshape(value.shape)
     (value * weights).sum().backward()
     return value.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
@@ -300,3 +300,48 @@ def test_the_collators_layout_equals_the_one_packed_in_the_forward():
     a, a_grads = grads(model, lambda: batch_logps(model, packed_batch())[0])
     b, b_grads = grads(model, lambda: batch_logps(model, batch())[0])
     assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(a_grads, b_grads))
+
+
+def tool_batch(flags=True):
+    """Multi-turn responses: a tool's result inside them (flag 0) is context, not scored."""
+    g = torch.Generator().manual_seed(3)
+
+    def ids(k):
+        return torch.randint(3, V, (k,), generator=g).tolist()
+
+    groups = [(ids(5), [ids(9), ids(4), ids(7)], [1.0, 0.0, 0.5]), (ids(3), [ids(6)], [0.2])]
+    masks = [
+        [[1, 1, 0, 0, 0, 1, 1, 0, 1], [1, 1, 1, 1], [1, 0, 0, 1, 1, 1, 0]],
+        [[1, 1, 1, 0, 0, 1]],
+    ]
+    rows = collate_ids(groups, pad_id=0, label_masks=masks if flags else None)
+    return {k: torch.from_numpy(v) for k, v in rows.items()}, masks
+
+
+@pytest.mark.usefixtures("keys")
+def test_tool_result_tokens_are_context_not_scored_on_every_path():
+    from prefopt.integrations.data import pack_groups
+
+    model = exact_norms(tiny("llama", torch.float64))
+    data, masks = tool_batch()
+    assert pack_groups(data) is not None  # the shared path runs, holes and all
+    with torch.no_grad():
+        expected = one_at_a_time(model, data)  # the full sequence read, flagged tokens summed
+        everything = one_at_a_time(model, tool_batch(flags=False)[0])
+    assert not torch.allclose(expected[data["mask"]], everything[data["mask"]])
+    base, base_grads = grads(model, lambda: batch_logps(model, data, share_prefix=False)[0])
+    torch.testing.assert_close(base, expected, rtol=1e-10, atol=1e-10)
+    value, value_grads = grads(model, lambda: batch_logps(model, data)[0])
+    torch.testing.assert_close(value, base, rtol=1e-10, atol=1e-10)
+    for a, b in zip(value_grads, base_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * float(b.abs().max()))
+    lengths = batch_logps(model, data)[1]
+    assert lengths[data["mask"]].tolist() == [sum(m) for group in masks for m in group]
+
+
+def test_label_masks_of_the_wrong_length_or_all_zero_are_refused():
+    groups = [([5, 6], [[7, 8, 9]], [1.0])]
+    with pytest.raises(ValueError, match=r"label_masks\[0\] must hold one flag per token"):
+        collate_ids(groups, pad_id=0, label_masks=[[[1, 1]]])
+    with pytest.raises(ValueError, match="response 0 has no counted token left"):
+        collate_ids(groups, pad_id=0, label_masks=[[[0, 0, 0]]])

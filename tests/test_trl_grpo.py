@@ -49,7 +49,7 @@ class Recording(GroupPreferenceGRPOTrainer):
 
 def trainer(tmp_path, cls=Recording, reward=length_reward, model=None, **kw):
     tok = builtin_tokenizer()
-    keys = ("loss", "loss_options", "peft_config", "reward_processing_classes")
+    keys = ("loss", "loss_options", "peft_config", "reward_processing_classes", "rollout_func")
     options = {k: kw.pop(k) for k in keys if k in kw}
     return cls(
         model if model is not None else builtin_model(tok, 0), reward_funcs=reward,
@@ -210,3 +210,57 @@ def test_a_model_without_a_tokenizer_is_refused(tmp_path):
     with pytest.raises(ValueError, match="pass processing_class"):
         GroupPreferenceGRPOTrainer(model, reward_funcs=length_reward, args=config(tmp_path),
                                    train_dataset=PROMPTS)  # fmt: skip
+
+
+def tool_rollout(prompts, trainer):
+    """Multi-turn completions from TRL's ``rollout_func``: the model's words, a tool's result
+    (``env_mask`` 0: read, not written), the model's words again, then eos."""
+    tok = trainer.processing_class
+    out = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "env_mask": []}
+    for k, p in enumerate(prompts):
+        said = tok(" ".join("ab"[: 1 + k % 2]), add_special_tokens=False)["input_ids"]
+        result = tok("h g f", add_special_tokens=False)["input_ids"]
+        after = tok("c", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        out["prompt_ids"].append(tok(p)["input_ids"])
+        out["completion_ids"].append(said + result + after)
+        out["env_mask"].append([1] * len(said) + [0] * len(result) + [1] * len(after))
+        out["logprobs"].append([0.0] * len(out["completion_ids"][-1]))
+    return out
+
+
+def test_tool_results_are_read_but_not_scored(tmp_path):
+    t = trainer(tmp_path, rollout_func=tool_rollout, max_steps=2)
+    before = [p.detach().clone() for p in t.model.parameters()]
+    t.train()
+    inputs, batch, loss = t.seen[0]
+    assert "tool_mask" in inputs and math.isfinite(loss)
+    # each completion's labels are its own tokens where TRL's tool_mask is 1, in order
+    expected = sorted(
+        row[keep & (flag == 1)].tolist()
+        for row, keep, flag in zip(
+            inputs["completion_ids"], inputs["completion_mask"].bool(), inputs["tool_mask"]
+        )
+    )
+    labels = batch["labels"][batch["mask"]]
+    assert sorted(row[row != -100].tolist() for row in labels) == expected
+    # and a tool's result is in the sequence (attended, read by what follows), unlabelled
+    attended = batch["attention_mask"][batch["mask"]].sum(-1)
+    assert torch.all(attended >= (labels != -100).sum(-1) + 3 + 1)  # 3 result tokens, prompt
+    from prefopt.integrations.data import pack_groups
+
+    assert pack_groups(batch) is not None  # still the shared group forward
+    assert any(not torch.equal(a, p) for a, p in zip(before, t.model.parameters()))
+
+
+def test_a_group_with_every_completion_masked_counts_for_nothing(tmp_path):
+    def no_eos(prompts, trainer):  # every completion truncated: TRL masks them all
+        out = tool_rollout(prompts, trainer)
+        out["completion_ids"] = [ids[:-1] for ids in out["completion_ids"]]
+        out["env_mask"] = [m[:-1] for m in out["env_mask"]]
+        out["logprobs"] = [lp[:-1] for lp in out["logprobs"]]
+        return out
+
+    t = trainer(tmp_path, rollout_func=no_eos, mask_truncated_completions=True)
+    t.train()
+    _, batch, loss = t.seen[0]
+    assert batch["mask"].sum(-1).tolist() == [1, 1] and loss == 0.0

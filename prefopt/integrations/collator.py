@@ -88,16 +88,19 @@ class PreferenceCollator:
         self,
         groups: Sequence[tuple[list[int], list[list[int]], list[float]]],
         ref_logps: Sequence[Sequence[float]] | None = None,
+        label_masks: Sequence[Sequence[Sequence[int]]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Collate token-id groups ``(prompt_ids, [response_ids...], rewards)`` into tensors.
 
         Args:
             groups: As for [`collate_ids`][prefopt.integrations.data.collate_ids].
             ref_logps: Per group, one reference log-prob per response, or ``None``.
+            label_masks: Per group, per response, 1 for each token whose log-prob counts and
+                0 for context only (a tool's result), or ``None`` (every token counts).
 
         Returns:
             The batch of the class docstring.
         """
-        batch = collate_ids(groups, self.pad_id, self.truncation, ref_logps)
+        batch = collate_ids(groups, self.pad_id, self.truncation, ref_logps, label_masks)
         batch.update(pack_groups(batch) or {})
         return {k: torch.from_numpy(v) for k, v in batch.items()}

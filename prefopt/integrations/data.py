@@ -302,6 +302,7 @@ def collate_ids(
     pad_id: int,
     truncation: Truncation | None = None,
     ref_logps: Sequence[Sequence[float]] | None = None,
+    label_masks: Sequence[Sequence[Sequence[int]]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Pad token-id groups ``(prompt_ids, [response_ids...], rewards)`` into NumPy arrays.
 
@@ -311,26 +312,41 @@ def collate_ids(
         pad_id: The token id of padding.
         truncation: How to cut long sequences, or ``None`` (no limit).
         ref_logps: Per prompt, one reference log-prob per response, or ``None``.
+        label_masks: Per prompt, per response, one flag per response token: 1 where the
+            token's log-prob counts, 0 where the token is context only (a tool's result in
+            a multi-turn completion: the model reads it but did not write it). Default
+            ``None``: every response token counts.
 
     Returns:
         ``input_ids``, ``attention_mask``, ``labels`` (B, n, T) int64 (labels -100 on
-        prompt and padding), ``rewards`` (B, n) float32, ``mask`` (B, n) bool, and
-        ``ref_logps`` (B, n) float32 when given.
+        prompt, padding and tokens whose flag is 0), ``rewards`` (B, n) float32, ``mask``
+        (B, n) bool, and ``ref_logps`` (B, n) float32 when given.
 
     Raises:
-        ValueError: For an empty batch, or a response with no token left after truncation.
+        ValueError: For an empty batch, a label mask whose length is not its response's,
+            or a response with no counted token left after truncation.
     """
     if not groups:
         raise ValueError("collate_ids: no groups to collate (an empty batch)")
     cut = truncation or Truncation()
-    seqs = []
+    seqs, flags = [], []
     for b, (prompt, responses, _) in enumerate(groups):
-        seqs.append([cut(prompt, r) for r in responses])
-        for i, (_, r) in enumerate(seqs[-1]):
-            if not r:
+        marks = [[1] * len(r) for r in responses] if label_masks is None else label_masks[b]
+        if len(marks) != len(responses) or any(len(m) != len(r) for m, r in zip(marks, responses)):
+            raise ValueError(
+                f"collate_ids: label_masks[{b}] must hold one flag per token of each response "
+                f"(lengths {[len(r) for r in responses]}); got lengths {[len(m) for m in marks]}"
+            )
+        # each flag travels with its token through the cut
+        cuts = [cut(prompt, list(zip(r, m))) for r, m in zip(responses, marks)]
+        seqs.append([(p, [t for t, _ in r]) for p, r in cuts])
+        flags.append([[bool(f) for _, f in r] for _, r in cuts])
+        for i, kept in enumerate(flags[-1]):
+            if not any(kept):
                 raise ValueError(
-                    f"collate_ids: group {b}, response {i} has no token left after truncation "
-                    f"(prompt {len(prompt)} tokens, response {len(responses[i])}, {cut})"
+                    f"collate_ids: group {b}, response {i} has no counted token left after "
+                    f"truncation (prompt {len(prompt)} tokens, response {len(responses[i])}, "
+                    f"{sum(map(bool, marks[i]))} counted, {cut})"
                 )
     B, n = len(groups), max(len(g[1]) for g in groups)
     T = max(len(p) + len(r) for group in seqs for p, r in group)
@@ -344,7 +360,7 @@ def collate_ids(
             length = len(p) + len(r)
             input_ids[b, i, :length] = p + r
             attention[b, i, :length] = 1
-            labels[b, i, len(p) : length] = r
+            labels[b, i, len(p) : length] = np.where(flags[b][i], r, IGNORE)
             rewards[b, i] = rs[i]
             mask[b, i] = True
         attention[b, len(seqs[b]) :, 0] = 1  # padding responses: one attended token, no label
@@ -456,13 +472,15 @@ def pack_groups(batch: Mapping[str, Any]) -> dict[str, Any] | None:
     xp = prefopt._ops.get_namespace(ids)
     B, n, T = ids.shape
     is_label = labels != IGNORE
-    lengths = xp.sum(xp.astype(is_label, xp.int64), axis=-1)  # (B, n)
+    real = xp.any(is_label, axis=-1)  # (B, n)
     starts = xp.argmax(xp.astype(is_label, xp.int8), axis=-1)  # prompt length of each row
-    real = lengths > 0
+    # a response runs to the end of its attended tokens: uncounted tokens (a tool's result)
+    # inside it are context for the tokens after them
+    ends = xp.sum(xp.astype(attention == 1, xp.int64), axis=-1)
     prompt = starts[:, 0]  # response 0 of a group is always real (the collator fills first)
     columns = xp.arange(T)
     in_prompt = columns < prompt[:, None, None]
-    in_sequence = columns < (starts + lengths)[..., None]
+    in_sequence = columns < ends[..., None]
     same = (ids == ids[:, :1]) | ~in_prompt
     if not (
         bool(xp.all(real[:, 0]))
@@ -472,12 +490,16 @@ def pack_groups(batch: Mapping[str, Any]) -> dict[str, Any] | None:
         and bool(xp.all((attention == 1) | ~in_sequence | ~real[..., None]))
     ):
         return None
-    lengths = xp.where(real, lengths, 0)
+    lengths = xp.where(real, ends - starts, 0)
     lay = group_layout(prompt, lengths, xp=xp)
     att = response_attention(lay, prompt, lengths, xp=xp)
     R = lay.label_mask.shape[-1]
     flat = xp.nonzero(xp.reshape(lay.label_mask, (-1,)))[0]  # every response token
     g, i, k = flat // (n * R), (flat // R) % n, flat % R
+    counted = xp.take(xp.reshape(is_label, (-1,)), (g * n + i) * T + xp.take(prompt, g) + k)
+    if not bool(xp.all(counted)):  # only the counted tokens go through the output layer
+        flat = flat[counted]
+        g, i, k = flat // (n * R), (flat // R) % n, flat % R
     rows_of_ids = xp.reshape(ids, (B, n * T))
     return {
         "packed_ids": xp.take_along_axis(rows_of_ids, lay.response * T + lay.column, axis=1),

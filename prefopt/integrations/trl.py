@@ -67,7 +67,10 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
       ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``,
       ``groups/degenerate`` (see [Metrics](../metrics.md)).
 
-    Not supported yet (refused when used): tool calls, multimodal inputs.
+    - **Tool calls and environments**: the tokens TRL's ``tool_mask`` marks 0 (a tool's
+      result) stay in the sequence as context and are left out of the log-prob.
+
+    Not supported yet (refused when used): multimodal inputs.
 
     Args:
         model: As for ``GRPOTrainer``.
@@ -85,7 +88,8 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
     Raises:
         ValueError: An unknown loss, a loss that needs other data (``kto``), or that sorts
             across the batch (``aot``) with more than two generations, a bad option value,
-            a per-device batch that is not a multiple of ``num_generations``, tools.
+            a per-device batch that is not a multiple of ``num_generations``, multimodal
+            inputs.
         TypeError: An option the loss does not take.
 
     Examples:
@@ -120,8 +124,6 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
                     f"{WHERE}: per_device_train_batch_size ({per_device}) must be a multiple of "
                     f"num_generations ({n}), so that a micro-batch holds whole groups"
                 )
-        if kwargs.get("tools") or kwargs.get("environment_factory"):
-            raise ValueError(f"{WHERE}: tool calls and environments are not supported yet")
         if (
             len(positional) < 3  # processing_class: after train_dataset and eval_dataset
             and kwargs.get("processing_class") is None
@@ -175,8 +177,6 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
-        if "tool_mask" in out:
-            raise ValueError(f"{WHERE}: tool calls are not supported yet")
         if any(k in out for k in ("pixel_values", "image_grid_thw")):
             raise ValueError(f"{WHERE}: multimodal inputs are not supported yet")
         per_func = self._rewards_per_func
@@ -202,18 +202,30 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
         n = self.num_generations if self.model.training else self.num_generations_eval
         prompts = _rows(inputs["prompt_ids"], inputs["prompt_mask"])
         completions = _rows(inputs["completion_ids"], inputs["completion_mask"])
+        # tool calls and environments: 0 on the tokens the model read but did not write
+        tools = inputs.get("tool_mask")
+        flags = _rows(tools, inputs["completion_mask"]) if tools is not None else None
         rewards = inputs["raw_rewards"].tolist()
-        groups = []
+        groups, masks = [], []
         for g in range(0, len(prompts), n):
             if any(prompts[i] != prompts[g] for i in range(g, g + n)):
                 raise RuntimeError(f"{WHERE}: a micro-batch split a group (a prefopt bug)")
-            keep = [i for i in range(g, g + n) if completions[i] and rewards[i] == rewards[i]]
-            if not keep:  # nothing scorable: a group of one that counts for nothing
-                keep = [g]
-                rewards[g] = 0.0
+            keep = [
+                i
+                for i in range(g, g + n)
+                if completions[i] and any(flags[i] if flags else [1]) and rewards[i] == rewards[i]
+            ]
+            if not keep:  # nothing scorable: a group of one token that counts for nothing
+                keep, rewards[g] = [g], 0.0
+                completions[g] = inputs["completion_ids"][g, :1].tolist()
+                if flags:
+                    flags[g] = [1]
             groups.append((prompts[g], [completions[i] for i in keep], [rewards[i] for i in keep]))
+            if flags:
+                masks.append([flags[i] for i in keep])
+        batch = self.collator.collate_ids(groups, label_masks=masks if flags else None)
         device = inputs["prompt_ids"].device
-        return {k: v.to(device) for k, v in self.collator.collate_ids(groups).items()}
+        return {k: v.to(device) for k, v in batch.items()}
 
     # ---- the loss -------------------------------------------------------------------------
 
