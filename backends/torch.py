@@ -97,7 +97,7 @@ class PreferenceLoss(torch.nn.Module):
         if reduction not in REDUCTIONS:
             raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}; got {reduction!r}")
         self.spec = spec(self.loss, name)
-        self.spec.options(options, fn=name)
+        self.spec.checked(options, fn=name)  # a bad value fails here, as the function would
         self.reduction = reduction
         self.options = options
 

@@ -4,7 +4,8 @@ Each group (a prompt and its n responses) is packed into one sequence by
 ``prefopt.layout.group_layout``: the prompt once, then every response, with a block-causal
 attention mask (``group_attention_mask``) and positions that restart after the prompt. The
 example checks that the packed forward gives the log-probs and gradients of the unshared
-one (every response run after its own copy of the prompt), then trains with MPO.
+one (every response run after its own copy of the prompt), then trains with MPO, its beta
+on a schedule inside the one jitted step (beta is traced, not a constant: no recompile).
 
     python examples/mpo_flax_group.py              # 100 steps
     python examples/mpo_flax_group.py --steps 2    # a smoke run
@@ -122,13 +123,15 @@ def main():
 
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
 
+    beta = optax.linear_schedule(0.5, 0.2, transition_steps=args.steps)  # a plain function
+
     @nnx.jit
-    def train_step(model, optimizer, reference, rewards, mask, packed):
+    def train_step(model, optimizer, reference, rewards, mask, packed, beta):
         ref = jax.lax.stop_gradient(shared_logps(reference, packed))
 
         def loss_fn(model):
             logps = shared_logps(model, packed)
-            return prefopt.batch_loss("mpo", logps, ref, rewards, mask=mask, beta=0.5)
+            return prefopt.batch_loss("mpo", logps, ref, rewards, mask=mask, beta=beta)
 
         loss, grad = nnx.value_and_grad(loss_fn)(model)
         optimizer.update(model, grad)
@@ -143,10 +146,15 @@ def main():
 
     for i in range(args.steps):
         batch, packed = make_groups(rng)
-        loss = train_step(model, optimizer, reference, batch["rewards"], batch["mask"], packed)
+        rewards, mask = batch["rewards"], batch["mask"]
+        loss = train_step(model, optimizer, reference, rewards, mask, packed, beta(i))
         if i % 25 == 0 or i == args.steps - 1:
             p_target = float(probe(model))
-            print(f"step {i:4d}  loss {float(loss):.4f}  p(target) {p_target:.3f}")
+            print(f"step {i:4d}  beta {float(beta(i)):.3f}  loss {float(loss):.4f}  "
+                  f"p(target) {p_target:.3f}")  # fmt: skip
+    print(
+        f"train_step compiled {train_step.jitted_fn._cache_size()} time(s) for {args.steps} betas"
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import math
 import numbers
 from types import ModuleType
 
-from prefopt._ops import Array, native
+from prefopt._ops import Array, get_namespace, native
 
 # The memos below are functools caches, not dicts filled in place: torch.compile traces
 # through a cache wrapper, whereas a dict that fills during the first trace changes what
@@ -100,6 +100,45 @@ def number(fn: str, name: str, value) -> float:
         got = f"{type(value).__name__} {value!r}" if len(repr(value)) < 40 else type(value).__name__
         raise TypeError(f"{fn}: {name} must be a real number; got {got}")
     return float(value)
+
+
+def option(fn: str, name: str, value, rule):
+    """A numeric option: a Python number checked by ``rule``, or a 0-d array.
+
+    An array (a schedule's value, a ``jax.jit`` tracer, a ``vmap`` batch) is returned as
+    it is; its value goes through ``rule`` only where it can be read without a trace or a
+    device sync (see ``values_checked``): a traced value is the caller's to keep in range.
+    """
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return rule(fn, name, value)
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is None or dtype is None or isinstance(value, (str, bytes)):
+        number(fn, name, value)  # raises the TypeError that names what was given
+    if len(shape) != 0:
+        raise ValueError(
+            f"{fn}: {name} must be a number or a 0-d array; got an array of shape {tuple(shape)}"
+        )
+    xp = get_namespace(value, fn=fn)
+    if not is_kind(dtype, ("real floating", "integral"), xp):
+        raise TypeError(f"{fn}: {name} must be a real number; got a 0-d array of dtype {dtype}")
+    if values_checked(value, xp, None):
+        rule(fn, name, float(value))
+    return value
+
+
+def scalar(fn: str, name: str, value, dtype, xp: ModuleType):
+    """An option in the loss's compute ``dtype``: a number as a float, an array cast.
+
+    The cast keeps a float64 0-d array from promoting a float32 loss (NumPy 2, JAX).
+    """
+    if isinstance(value, numbers.Real):
+        return float(value)  # NumPy scalars included: a number is a number
+    if get_namespace(value) is not xp:
+        raise TypeError(
+            f"{fn}: {name} must be a number or a 0-d array of the inputs' library; got a "
+            f"{type(value).__module__}.{type(value).__name__}"
+        )
+    return value if value.dtype == dtype else xp.astype(value, dtype)
 
 
 def positive(fn: str, name: str, value: float) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -49,10 +50,15 @@ def get_namespace(
         if a is None:
             continue
         # array_namespace costs microseconds a call; a dict keyed on the array type does not.
-        cls = type(a)
-        ns = _NAMESPACE_BY_TYPE.get(cls)
-        if ns is None:
-            ns = _NAMESPACE_BY_TYPE[cls] = array_api_compat.array_namespace(a)
+        # Under torch.compile the dict is left alone: a graph that read it would guard on
+        # its contents, and compile again once another array type had filled it.
+        if _compiling():
+            ns = array_api_compat.array_namespace(a)
+        else:
+            cls = type(a)
+            ns = _NAMESPACE_BY_TYPE.get(cls)
+            if ns is None:
+                ns = _NAMESPACE_BY_TYPE[cls] = array_api_compat.array_namespace(a)
         if found is None:
             found = ns
         elif ns is not found:
@@ -62,6 +68,12 @@ def get_namespace(
     if found is None:
         raise TypeError("no array given: at least one argument must be an array")
     return found
+
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing (torch is never imported for this)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
 
 
 @functools.cache

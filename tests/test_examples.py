@@ -45,6 +45,7 @@ def test_flax_group_forward_equals_unshared_and_trains():
         float(line.split("p(target) ")[1]) for line in out.splitlines() if "p(target)" in line
     ]
     assert len(probes) == 3 and probes[-1] > probes[0]
+    assert "train_step compiled 1 time(s) for 30 betas" in out  # beta traced, on a schedule
 
 
 def test_on_policy_with_your_own_model_prompts_and_reward():

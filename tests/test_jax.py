@@ -124,3 +124,26 @@ def test_train_step_runs_cpo_and_rejects_unknown_options():
     assert np.isfinite(float(value)) and np.isfinite(float(metrics["rewards/chosen"]))
     with pytest.raises(TypeError, match=r"make_train_step: sigmoid takes no option\(s\)"):
         make_train_step(apply_fn, optax.sgd(0.1), loss="sigmoid", alpha=1.0)
+
+
+def test_train_step_takes_a_traced_beta_schedule_and_compiles_once():
+    optax = pytest.importorskip("optax")
+    from prefopt.integrations.jax import make_train_step
+
+    def apply_fn(params, ids, attention):
+        return jnp.take(params["embed"], ids, axis=0) @ params["out"]
+
+    params = {"embed": jnp.ones((16, 8)) * 0.1, "out": jnp.eye(8, 16)}
+    ids = jnp.arange(30).reshape(2, 3, 5) % 16
+    batch = {"input_ids": ids, "attention_mask": ids * 0 + 1, "labels": ids,
+             "rewards": jnp.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.2]]),
+             "mask": jnp.ones((2, 3), bool)}  # fmt: skip
+    state = optax.sgd(0.1).init(params)
+    scheduled = make_train_step(apply_fn, optax.sgd(0.1), loss="mpo")
+    for beta in (0.5, 0.3, 0.1):
+        _, _, value, _ = scheduled(params, state, batch, beta=jnp.asarray(beta))
+        fixed = make_train_step(apply_fn, optax.sgd(0.1), loss="mpo", beta=beta)
+        assert float(value) == pytest.approx(float(fixed(params, state, batch)[2]), rel=1e-6)
+    assert scheduled._cache_size() == 1
+    with pytest.raises(ValueError, match="mpo_loss: beta must be a finite number > 0; got -1.0"):
+        make_train_step(apply_fn, optax.sgd(0.1), loss="mpo", beta=-1.0)

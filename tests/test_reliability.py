@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 import prefopt
+from prefopt.losses.registry import spec, specs
+from tests import reference
 
 GROUP_LOSSES = ["mpo", "infonca", "nca", "plackett_luce", "lipo"]
 
@@ -138,11 +140,59 @@ def test_f_divergence_losses_are_finite_in_float32(name, f):
     assert np.all(np.isfinite(out))
 
 
+F_LOSSES = [n for n, s in specs().items() if "f_divergence" in s.defaults and n != "dpo"]
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+@pytest.mark.parametrize("name", F_LOSSES)
+@pytest.mark.parametrize(
+    "f, f_alpha", [("forward_kl", 0.5), ("alpha_divergence", 0.1), ("alpha_divergence", 0.5),
+                   ("alpha_divergence", 2.0)]
+)  # fmt: skip
+@pytest.mark.parametrize("beta", [0.01, 0.1, 1.0])
+def test_f_divergence_float32_holds_the_float64_value_wherever_float32_can(name, f, f_alpha, beta):
+    # The exponent clip is where float32 would overflow, no earlier: wherever the float64
+    # loss and the transformed log-ratios fit float32 (with a factor 8 to spare, for the
+    # rounding of e^x at |x| near 88), float32 gives the float64 value. Before, the clip at
+    # half the largest exponent made hinge (alpha 0.1, beta 0.01, log-ratio -59) 2.8e16
+    # against a true 1.29e21.
+    grid = np.concatenate([-np.geomspace(1e-2, 120.0, 40), np.geomspace(1e-2, 120.0, 40)])
+    cw, cl = np.repeat(grid, len(grid)), np.tile(grid, len(grid))
+    zero = np.zeros_like(cw)
+    lengths = {"chosen_lengths": np.full_like(cw, 3.0), "rejected_lengths": np.full_like(cw, 5.0)}
+    kw = lengths if spec(name).lengths == "required" else {}
+    opts = {"beta": beta, "f_divergence": f, "f_alpha": f_alpha}
+    with np.errstate(over="ignore"):
+        expected = np.array(reference.pairwise(name, cw, cl, zero, zero, **kw, **opts))
+    fits = (np.abs(expected) <= F32_MAX / 8) & np.isfinite(expected)
+    for h in (cw, cl):
+        t = np.array([reference._f(float(x), f, f_alpha) for x in h])
+        if name == "aot_unpaired":  # entry i is the i-th smallest of each side
+            t = np.sort(t)
+        fits &= np.abs(t) <= F32_MAX / 8
+    as32 = {k: v.astype(np.float32) for k, v in kw.items()}
+    args32 = [a.astype(np.float32) for a in (cw, cl, zero, zero)]
+    with np.errstate(over="ignore"):  # beyond float32, an overflow to inf is the answer
+        out = prefopt.get_loss(name)(*args32, **as32, **opts).astype(np.float64)
+    assert not np.any(np.isnan(out))
+    assert fits.sum() > len(grid)  # the comparison is not empty
+    np.testing.assert_allclose(out[fits], expected[fits], rtol=2e-4, atol=1e-4)
+
+
+def test_hinge_alpha_divergence_at_minus_59_is_the_true_value():
+    h = np.array([-59.0], dtype=np.float32)
+    zero = np.zeros(1, dtype=np.float32)
+    out = prefopt.hinge_loss(h, zero, zero, zero, beta=0.01, f_divergence="alpha_divergence",
+                             f_alpha=0.1)  # fmt: skip
+    true = 1.0 + 0.01 * (math.exp(0.9 * 59.0) - 1.0) / 0.9
+    assert float(out[0]) == pytest.approx(true, rel=1e-5)  # 1.29e21
+
+
 # ---- 5. arguments --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("beta", [None, "0.1", np.array(0.1), True])
-def test_beta_must_be_a_real_number(beta):
+@pytest.mark.parametrize("beta", [None, "0.1", True, [0.1]])
+def test_beta_must_be_a_real_number(beta):  # or a 0-d array: tests/test_hyperparameters.py
     x = np.array([-1.0, -2.0])
     with pytest.raises(TypeError, match=r"dpo_loss: beta must be a real number; got"):
         prefopt.dpo_loss(x, x, beta=beta)

@@ -222,6 +222,37 @@ def test_module_classes_agree_with_the_registry():
         assert forward == [k for k in found.inputs if k != "xp"], name
 
 
+# A value out of range for each numeric option (robust DPO's and EXO's narrower ranges too).
+BAD = {
+    "beta": -1.0, "label_smoothing": 0.7, "tau": 0.0, "f_alpha": 0.0, "alpha": -1.0,
+    "gamma": -0.5, "cpo_alpha": -1.0, "delta": float("inf"), "desirable_weight": -1.0,
+    "undesirable_weight": -1.0,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name", sorted({s.title + "Loss" for s in prefopt.losses.registry.specs().values()})
+)
+def test_a_module_with_a_bad_option_fails_when_built_as_the_function_does(name):
+    from prefopt.backends import torch as backend
+
+    cls = backend.MODULES[name]
+    found = prefopt.losses.registry.spec(cls.loss)
+    pos, kw, _ = catalogue_case(cls.loss)
+    for option in found.defaults.keys() & BAD.keys():
+        with pytest.raises(ValueError) as built:
+            cls(**{option: BAD[option]})
+        with pytest.raises(ValueError) as called:
+            found.fn(*pos, **kw, **{option: BAD[option]})
+        assert str(built.value) == str(called.value), option
+        assert str(built.value).startswith(f"{found.fn.__name__}: {option} must ")
+    robust = backend.MODULES["RobustDPOLoss"]
+    with pytest.raises(
+        ValueError, match=r"robust_dpo_loss: label_smoothing must lie in \[0.0, 0.5\)"
+    ):
+        robust(label_smoothing=0.5)
+
+
 @pytest.mark.parametrize("name", ["ipo", "mpo", "kto"])
 def test_any_registered_loss_is_a_module_by_name(name):
     from prefopt.backends.torch import PreferenceLoss, loss_module

@@ -9,7 +9,6 @@ from typing import Any
 import transformers
 
 from prefopt.integrations.data import Truncation
-from prefopt.losses.inputs import check_options
 from prefopt.losses.registry import spec
 
 __all__ = ["PreferenceConfig", "TrainerSettings", "trainer_settings"]
@@ -231,9 +230,7 @@ def trainer_settings(args: Any) -> TrainerSettings:
             raise TypeError(f"{where}: {names} take no option(s) {unused}; they take {takes}")
     checked = []
     for (name, weight, given), s in zip(losses, found):
-        options = s.options(given, fn=where)
-        check_options(where, options)
-        checked.append((name, weight, options))
+        checked.append((name, weight, s.checked(given, fn=where)))
     pairs = get("pairs", "all")
     if pairs not in ("all", "best_worst"):
         raise ValueError(f"{where}: pairs must be 'all' or 'best_worst'; got {pairs!r}")

@@ -90,21 +90,46 @@ def make_train_step(
         optimizer: An ``optax.GradientTransformation``.
         loss: A registered loss name. Default ``"mpo"``.
         pairs: ``"all"`` (default) or ``"best_worst"``, for pairwise losses.
-        **options: Options of the loss.
+        **options: Options of the loss (checked here, with the loss's own messages).
 
     Returns:
-        ``step(params, opt_state, batch) -> (params, opt_state, loss, metrics)``, jitted.
-        Given a batch sharded over devices (``shard_batch``) and replicated parameters it
-        runs data-parallel; the result equals the single-device one.
+        ``step(params, opt_state, batch, **schedule) -> (params, opt_state, loss, metrics)``,
+        jitted. ``schedule``: numeric options for this step (``beta=schedule(i)``, a
+        number or a 0-d array), traced: a schedule compiles the step once. Given a batch
+        sharded over devices (``shard_batch``) and replicated parameters it runs
+        data-parallel; the result equals the single-device one.
+
+    Examples:
+        A beta schedule inside one jitted step (``optax`` schedules are plain functions
+        of the step count):
+
+        >>> import jax.numpy as jnp, optax
+        >>> from prefopt.integrations.jax import make_train_step
+        >>> def apply_fn(params, ids, attention):
+        ...     return jnp.take(params["embed"], ids, axis=0) @ params["out"]
+        >>> params = {"embed": jnp.ones((16, 8)) / 8, "out": jnp.eye(8, 16)}
+        >>> ids = jnp.arange(30).reshape(2, 3, 5) % 16
+        >>> batch = {"input_ids": ids, "attention_mask": ids * 0 + 1, "labels": ids,
+        ...          "rewards": jnp.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.2]]),
+        ...          "mask": jnp.ones((2, 3), bool)}
+        >>> optimizer, beta = optax.sgd(0.1), optax.linear_schedule(0.5, 0.1, 100)
+        >>> step = make_train_step(apply_fn, optimizer, loss="mpo", alpha=1.0)
+        >>> state = optimizer.init(params)
+        >>> for i in range(3):
+        ...     params, state, loss, metrics = step(params, state, batch, beta=beta(i))
+        >>> step._cache_size()  # compiled once for the three betas
+        1
     """
     import optax
 
     # an unknown loss or an option it does not take fails here, not inside the trace
-    spec(loss, "make_train_step").options(options, fn="make_train_step")
+    found = spec(loss, "make_train_step")
+    found.checked(options, fn="make_train_step")
 
-    def step(params, opt_state, batch):
+    def step(params, opt_state, batch, **schedule):
+        found.options(schedule, fn="make_train_step: step")
         (value, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(
-            params, batch, apply_fn=apply_fn, loss=loss, pairs=pairs, **options
+            params, batch, apply_fn=apply_fn, loss=loss, pairs=pairs, **{**options, **schedule}
         )
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value, metrics

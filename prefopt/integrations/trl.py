@@ -24,7 +24,6 @@ from trl.trainer.utils import split_tensor_dict
 from prefopt.integrations.collator import PreferenceCollator
 from prefopt.integrations.forward import _is_peft, loss_and_metrics
 from prefopt.integrations.trainer import disable_dropout
-from prefopt.losses.inputs import check_options
 from prefopt.losses.registry import spec
 
 __all__ = ["GroupPreferenceGRPOTrainer"]
@@ -110,8 +109,7 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
         found = spec(loss, f"{WHERE}: loss")
         if found.layout == "unpaired":
             raise ValueError(f"{WHERE}: loss {loss!r} needs unpaired data; use a group loss")
-        options = found.options(loss_options, fn=WHERE)
-        check_options(WHERE, options)
+        options = found.checked(loss_options, fn=WHERE)
         if args is not None:
             n, per_device = args.num_generations, args.per_device_train_batch_size
             if found.couples_batch and n > 2:

@@ -246,7 +246,7 @@ def mpo_terms(fn: str, args: dict) -> tuple[Array, Array]:
     if args["weighting"] != "none":
         d = _checks.cast(groups.deviation, s.dtype, xp)
         log_w = {"abs": xp.abs(d), "signed": d, "squared": d * d}[args["weighting"]]
-        s = s + args["alpha"] * log_w
+        s = s + g.options["alpha"] * log_w
     lse_rejected = logsumexp(s, mask=groups.rejected, xp=xp)
     if g.valid is not None and native(xp) is None:
         # A group with no valid response has two empty sets, -inf - -inf: NaN, which the
@@ -331,7 +331,7 @@ def infonca_loss(
         ),
     )
     valid = valid_of(g)
-    terms = _target(g.rewards, valid, tau, g.scores.dtype, g.xp) * _log_softmax(
+    terms = _target(g.rewards, valid, g.options["tau"], g.scores.dtype, g.xp) * _log_softmax(
         g.scores, valid, g.xp
     )
     loss = 0.0 - g.xp.sum(g.xp.where(valid, terms, 0.0), axis=-1)
@@ -399,7 +399,7 @@ def nca_loss(
     )
     xp, s, valid = g.xp, g.scores, valid_of(g)
     count = xp.clip(xp.sum(xp.astype(valid, s.dtype), axis=-1, keepdims=True), min=1.0)
-    p = _target(g.rewards, valid, tau, s.dtype, xp)
+    p = _target(g.rewards, valid, g.options["tau"], s.dtype, xp)
     terms = p * log_sigmoid(s, xp=xp) + log_sigmoid(-s, xp=xp) / count
     loss = 0.0 - xp.sum(xp.where(valid, terms, 0.0), axis=-1)
     return nan_where_unchecked(loss, g)

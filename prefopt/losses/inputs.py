@@ -39,15 +39,51 @@ _OPTION_CHECKS = {
     "desirable_weight": _checks.non_negative,
     "undesirable_weight": _checks.non_negative,
     "label_smoothing": lambda fn, name, v: _checks.in_range(fn, name, v, 0.0, 0.5),
+    "delta": _checks.finite,
     "f_divergence": lambda fn, name, v: _checks.one_of(fn, name, v, F_DIVERGENCES),
     "weighting": lambda fn, name, v: _checks.one_of(fn, name, v, WEIGHTINGS),
 }
 
 
+# The options that are numbers: each a Python number or a 0-d array of the inputs' library,
+# which may be traced (a schedule inside ``jax.jit``, ``vmap`` over beta, a 0-d tensor that
+# ``torch.compile`` does not specialise on). The others choose code and stay static.
+NUMERIC = frozenset(
+    ("beta", "tau", "f_alpha", "alpha", "gamma", "cpo_alpha", "delta", "label_smoothing",
+     "desirable_weight", "undesirable_weight")
+)  # fmt: skip
+
+
+def _range(low: float, high: float, **open_end: bool):
+    return lambda fn, name, v: _checks.in_range(fn, name, v, low, high, **open_end)
+
+
+# The losses whose range for an option is narrower than the common rule, by function name.
+_NARROWER = {
+    "robust_dpo_loss": {"label_smoothing": _range(0.0, 0.5, open_high=True)},  # / (1 - 2 eps)
+    "exo_pair_loss": {"label_smoothing": _range(0.0, 0.5, open_low=True)},  # log(eps)
+    "discopop_loss": {"tau": _range(0.0, 1.0, open_low=True)},  # a bounded exponent: tau <= 1
+}
+
+
 def check_options(fn: str, args: Mapping[str, Any]) -> None:
-    """Check every option of ``args`` that has a common rule (raises naming it)."""
-    for name in _OPTION_CHECKS.keys() & args.keys():
-        _OPTION_CHECKS[name](fn, name, args[name])
+    """Check every option of ``args`` that has a rule (raises naming it).
+
+    ``fn`` is the loss function's name: its message, and its narrower ranges (robust DPO's
+    ``label_smoothing < 0.5``...). A numeric option given as an array is checked where its
+    value can be read (see ``_checks.option``).
+    """
+    rules = {**_OPTION_CHECKS, **_NARROWER.get(fn, {})}
+    for name in rules.keys() & args.keys():
+        if name in NUMERIC:
+            _checks.option(fn, name, args[name], rules[name])
+        else:
+            rules[name](fn, name, args[name])
+
+
+def numeric_options(fn: str, args: Mapping[str, Any], dtype, xp: ModuleType) -> dict[str, Any]:
+    """The numeric options of ``args`` in the compute ``dtype`` (numbers stay numbers)."""
+    return {k: _checks.scalar(fn, k, args[k], dtype, xp) for k in NUMERIC & args.keys()}
 
 
 # ---- pairs: (B,) chosen and rejected ------------------------------------------------------
@@ -61,10 +97,13 @@ class Pair(NamedTuple):
     hl: Array  # (B,) h(y_l), the rejected one
     lw: Array | None  # (B,) |y_w|, token counts in the compute dtype, or None
     ll: Array | None  # (B,) |y_l|
-    beta: float
+    beta: float | Array  # a number, or a 0-d array in the compute dtype
+    options: dict[str, Any]  # every numeric option likewise (see numeric_options)
 
 
-def pair_inputs(fn: str, args: Mapping[str, Any], *, lengths: str = "optional") -> Pair:
+def pair_inputs(
+    fn: str, args: Mapping[str, Any], *, lengths: str = "optional", squared: bool = False
+) -> Pair:
     """Check a pairwise loss's arguments (a dict of all of them); return a ``Pair``.
 
     Args:
@@ -72,6 +111,8 @@ def pair_inputs(fn: str, args: Mapping[str, Any], *, lengths: str = "optional") 
         args: Its arguments: ``chosen_logps``, ``rejected_logps``, optionally the reference
             and lengths arrays, ``beta``, ``f_divergence``/``f_alpha`` and ``xp``.
         lengths: ``"optional"`` or ``"required"`` (token counts must be given).
+        squared: The loss squares a difference of transformed log-ratios (IPO, SPPO): the
+            f-divergence exponent is clipped where that square would overflow.
     """
     check_options(fn, args)
     arrays = pair_arrays(
@@ -85,15 +126,17 @@ def pair_inputs(fn: str, args: Mapping[str, Any], *, lengths: str = "optional") 
     xp, hw, hl, rw, rl = arrays
     if rw is not None:
         hw, hl = hw - rw, hl - rl
+    options = numeric_options(fn, args, hw.dtype, xp)
     f_divergence = args.get("f_divergence", "reverse_kl")
     if f_divergence != "reverse_kl":
-        hw, hl = (f_transform(h, f_divergence, float(args["f_alpha"]), xp) for h in (hw, hl))
+        f_alpha = options["f_alpha"]
+        hw, hl = (f_transform(h, f_divergence, f_alpha, xp, squared=squared) for h in (hw, hl))
     lw = ll = None
     if "chosen_lengths" in args:
         lw, ll = pair_lengths(
             fn, args["chosen_lengths"], args.get("rejected_lengths"), hw, xp, lengths
         )
-    return Pair(xp, hw, hl, lw, ll, float(args["beta"]))
+    return Pair(xp, hw, hl, lw, ll, options["beta"], options)
 
 
 def pair_arrays(
@@ -144,19 +187,40 @@ def both_or_neither(fn: str, name_a: str, a: Array | None, name_b: str, b: Array
         raise ValueError(f"{fn}: pass both {name_a} and {name_b}, or neither; got only one")
 
 
-def f_transform(h: Array, f_divergence: str, f_alpha: float, xp: ModuleType) -> Array:
-    r"""The f-divergence transform of log-ratios $h$ (TRL's ``f_divergence_type``)."""
-    # Exponents are clipped at half the log of the dtype's largest number, less 2 (42.4 in
-    # float32, 352.9 in float64): e^x, the difference of two, and the square of that (IPO,
-    # SPPO) stay finite. Beyond it the transform is flat (gradient 0).
-    limit = 0.5 * math.log(float(xp.finfo(h.dtype).max)) - 2.0
+def f_transform(
+    h: Array, f_divergence: str, f_alpha: float | Array, xp: ModuleType, *, squared: bool = False
+) -> Array:
+    r"""The f-divergence transform of log-ratios $h$ (TRL's ``f_divergence_type``).
+
+    ``forward_kl`` $1 - e^{-h}$, ``js_divergence`` $\log 2 + \log\sigma(h)$,
+    ``alpha_divergence`` $(e^{(\alpha - 1) h} - 1) / (\alpha - 1)$ ($h$ at $\alpha = 1$).
+    """
+    # The exponent x is clipped only where the result would overflow the dtype. The
+    # transform is bounded on one side (by 1, or 1/|alpha - 1|), so a difference of two
+    # overflows only where one of them does: x is clipped where |f| = e^x / |alpha - 1|
+    # would pass half the dtype's largest number (at log(max/2), lowered by
+    # log|alpha - 1| < 0), and for a loss that squares the difference (squared: IPO, SPPO)
+    # where the square, or its gradient, would (at half of log(max/4), likewise lowered).
+    # Beyond the clip the transform is flat (gradient 0); below it every value is exact.
+    big = math.log(float(xp.finfo(h.dtype).max))
+    limit = 0.5 * (big - math.log(4.0)) if squared else big - math.log(2.0)
     if f_divergence == "forward_kl":
         return 1.0 - xp.exp(xp.clip(-h, max=limit))
     if f_divergence == "js_divergence":
         return math.log(2.0) + log_sigmoid(h, xp=xp)
-    if f_divergence == "alpha_divergence" and f_alpha != 1.0:
-        return (xp.exp(xp.clip((f_alpha - 1.0) * h, max=limit)) - 1.0) / (f_alpha - 1.0)
-    return h  # reverse_kl, and the alpha-divergence's limit at alpha = 1
+    if f_divergence != "alpha_divergence":
+        return h  # reverse_kl
+    if isinstance(f_alpha, (int, float)):
+        if f_alpha == 1.0:
+            return h  # the limit at alpha = 1
+        c = f_alpha - 1.0
+        limit += min(0.0, math.log(abs(c)))
+        return (xp.exp(xp.clip(c * h, max=limit)) - 1.0) / c
+    # a 0-d array alpha (traced): the same, with alpha = 1 chosen by a where, not an if
+    one = f_alpha == 1.0
+    c = xp.where(one, xp.ones_like(f_alpha), f_alpha - 1.0)  # safe: no 0 / 0 in the gradient
+    limit = limit + xp.minimum(xp.log(xp.abs(c)), xp.zeros_like(c))
+    return xp.where(one, h, (xp.exp(xp.minimum(c * h, limit + xp.zeros_like(h))) - 1.0) / c)
 
 
 def pair_lengths(
@@ -210,8 +274,9 @@ class Group(NamedTuple):
     total: Array  # (B, 1) sum of the valid rewards: non-finite exactly when one of them is
     checked: bool  # whether the rewards were checked to be finite
     ratings: Array | None  # (B, n) integer rewards as given, 0 on padding; None for floats
-    beta: float
+    beta: float | Array  # a number, or a 0-d array in the compute dtype
     chosen: Array | None = None  # (B, n) explicit chosen set (MPO), or None: the mean split
+    options: dict[str, Any] | None = None  # every numeric option (see numeric_options)
 
 
 def group_inputs(fn: str, args: Mapping[str, Any]) -> Group:
@@ -256,9 +321,10 @@ def group_inputs(fn: str, args: Mapping[str, Any]) -> Group:
         h = h - (ref_logps if mask is None else xp.where(mask, ref_logps, 0.0))
     if lengths is not None:
         h = h / (lengths if mask is None else xp.where(mask, lengths, 1.0))
-    beta = float(args["beta"])
+    options = numeric_options(fn, args, h.dtype, xp)
+    beta = options["beta"]
     r = group_rewards(fn, rewards, mask, xp, check_values, h.dtype)
-    return Group(xp, beta * h, *r, beta, chosen)
+    return Group(xp, beta * h, *r, beta, chosen, options)
 
 
 def _one_slot(xp, logps, ref_logps, rewards, lengths, chosen):
@@ -384,7 +450,8 @@ class Unpaired(NamedTuple):
 
     xp: ModuleType
     ratios: Array  # (B,) h(y): log-ratio, or log-prob without a reference
-    beta: float
+    beta: float | Array  # a number, or a 0-d array in the compute dtype
+    options: dict[str, Any]  # every numeric option likewise (see numeric_options)
 
 
 def unpaired_inputs(fn: str, args: Mapping[str, Any]) -> Unpaired:
@@ -392,7 +459,9 @@ def unpaired_inputs(fn: str, args: Mapping[str, Any]) -> Unpaired:
     check_options(fn, args)
     logps, ref_logps = args["logps"], args["ref_logps"]
     xp = get_namespace(logps, ref_logps, args.get("desirable"), xp=args.get("xp"), fn=fn)
-    return Unpaired(xp, log_ratios(fn, logps, ref_logps, xp), float(args.get("beta", 1.0)))
+    h = log_ratios(fn, logps, ref_logps, xp)
+    options = numeric_options(fn, {"beta": 1.0, **args}, h.dtype, xp)
+    return Unpaired(xp, h, options["beta"], options)
 
 
 def log_ratios(fn: str, logps: Array, ref_logps: Array | None, xp: ModuleType) -> Array:

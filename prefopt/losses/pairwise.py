@@ -5,9 +5,14 @@ from __future__ import annotations
 import math
 from types import ModuleType
 
-from prefopt import _checks
 from prefopt._ops import Array, log_sigmoid, sigmoid, softplus
-from prefopt.losses.inputs import F_DIVERGENCES, check_options, pair_arrays, pair_inputs
+from prefopt.losses.inputs import (
+    F_DIVERGENCES,
+    check_options,
+    numeric_options,
+    pair_arrays,
+    pair_inputs,
+)
 
 __all__ = ["F_DIVERGENCES"]  # re-exported for the docs of f_divergence
 
@@ -15,7 +20,7 @@ __all__ = ["F_DIVERGENCES"]  # re-exported for the docs of f_divergence
 def smoothed_sigmoid_loss(z: Array, label_smoothing: float, xp: ModuleType) -> Array:
     r"""$-(1-\varepsilon)\log\sigma(z) - \varepsilon\log\sigma(-z)$, the cDPO loss of a margin."""
     loss = softplus(-z, xp=xp)  # -log(sigmoid(z)): +0.0, never -0.0, for a saturated margin
-    if label_smoothing:
+    if not isinstance(label_smoothing, (int, float)) or label_smoothing:  # an array: always
         loss = (1.0 - label_smoothing) * loss + label_smoothing * softplus(z, xp=xp)
     return loss
 
@@ -97,7 +102,7 @@ def dpo_loss(
             xp=xp,
         ),
     )
-    return smoothed_sigmoid_loss(p.beta * (p.hw - p.hl), label_smoothing, p.xp)
+    return smoothed_sigmoid_loss(p.beta * (p.hw - p.hl), p.options["label_smoothing"], p.xp)
 
 
 def robust_dpo_loss(
@@ -159,9 +164,7 @@ def robust_dpo_loss(
             xp=xp,
         ),
     )
-    eps = _checks.in_range(
-        "robust_dpo_loss", "label_smoothing", label_smoothing, 0.0, 0.5, open_high=True
-    )
+    eps = p.options["label_smoothing"]
     z = p.beta * (p.hw - p.hl)
     loss = (1.0 - eps) * (0.0 - log_sigmoid(z, xp=p.xp)) + eps * log_sigmoid(-z, xp=p.xp)
     return loss / (1.0 - 2.0 * eps)
@@ -230,6 +233,7 @@ def ipo_loss(
             f_alpha=f_alpha,
             xp=xp,
         ),
+        squared=True,  # the f-divergence clip keeps the square finite
     )
     delta = p.hw - p.hl if p.lw is None else p.hw / p.lw - p.hl / p.ll
     return (delta - 0.5 / p.beta) ** 2
@@ -348,13 +352,13 @@ def exo_pair_loss(
             xp=xp,
         ),
     )
-    eps = _checks.in_range(
-        "exo_pair_loss", "label_smoothing", label_smoothing, 0.0, 0.5, open_low=True
-    )
+    eps = p.options["label_smoothing"]
     z = p.beta * (p.hw - p.hl)
     pos, neg = log_sigmoid(z, xp=p.xp), log_sigmoid(-z, xp=p.xp)
     # the KL divergence from (1 - eps, eps) to (sigma(z), sigma(-z)): >= 0
-    return p.xp.exp(pos) * (pos - math.log1p(-eps)) + p.xp.exp(neg) * (neg - math.log(eps))
+    if isinstance(eps, (int, float)):
+        return p.xp.exp(pos) * (pos - math.log1p(-eps)) + p.xp.exp(neg) * (neg - math.log(eps))
+    return p.xp.exp(pos) * (pos - p.xp.log1p(-eps)) + p.xp.exp(neg) * (neg - p.xp.log(eps))
 
 
 def nca_pair_loss(
@@ -482,8 +486,7 @@ def bco_pair_loss(
             xp=xp,
         ),
     )
-    if isinstance(delta, (int, float)):
-        delta = _checks.finite("bco_pair_loss", "delta", delta)
+    delta = p.options["delta"]
     return (
         0.0
         - log_sigmoid(p.beta * p.hw - delta, xp=p.xp)
@@ -545,6 +548,7 @@ def sppo_hard_loss(
             f_alpha=f_alpha,
             xp=xp,
         ),
+        squared=True,  # the f-divergence clip keeps the square finite
     )
     target = 0.5 / p.beta
     return (p.hw - target) ** 2 + (p.hl + target) ** 2
@@ -726,7 +730,7 @@ def discopop_loss(
             xp=xp,
         ),
     )
-    tau = _checks.in_range("discopop_loss", "tau", tau, 0.0, 1.0, open_low=True)
+    tau = p.options["tau"]
     z = p.beta * (p.hw - p.hl)
     # m * e^-z as one exponent: bounded above for tau <= 1, where e^-z alone overflows
     exp_part = p.xp.exp(log_sigmoid(z / tau, xp=p.xp) - z)
@@ -796,7 +800,7 @@ def aot_unpaired_loss(
         ),
     )
     return smoothed_sigmoid_loss(
-        p.beta * (p.xp.sort(p.hw) - p.xp.sort(p.hl)), label_smoothing, p.xp
+        p.beta * (p.xp.sort(p.hw) - p.xp.sort(p.hl)), p.options["label_smoothing"], p.xp
     )
 
 
@@ -924,4 +928,5 @@ def aot_loss(
         fn, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp
     )
     gap = xp.sort(cw - cl) if rw is None else xp.sort(cw - cl) - xp.sort(rw - rl)
-    return smoothed_sigmoid_loss(beta * gap, label_smoothing, xp)
+    o = numeric_options(fn, {"beta": beta, "label_smoothing": label_smoothing}, gap.dtype, xp)
+    return smoothed_sigmoid_loss(o["beta"] * gap, o["label_smoothing"], xp)

@@ -65,8 +65,8 @@ def simpo_loss(
         ),
         lengths="required",
     )
-    z = p.beta * (p.hw / p.lw - p.hl / p.ll) - gamma
-    return smoothed_sigmoid_loss(z, label_smoothing, p.xp)
+    z = p.beta * (p.hw / p.lw - p.hl / p.ll) - p.options["gamma"]
+    return smoothed_sigmoid_loss(z, p.options["label_smoothing"], p.xp)
 
 
 def cpo_loss(
@@ -123,15 +123,16 @@ def cpo_loss(
         ),
         lengths="chosen",
     )
-    loss = smoothed_sigmoid_loss(p.beta * (p.hw - p.hl), label_smoothing, p.xp)
-    if cpo_alpha == 0.0:
+    loss = smoothed_sigmoid_loss(p.beta * (p.hw - p.hl), p.options["label_smoothing"], p.xp)
+    weight = p.options["cpo_alpha"]
+    if isinstance(weight, float) and weight == 0.0:  # an array weight: the term stays
         return loss
     if p.lw is None:
         raise ValueError(
             "cpo_loss: chosen_lengths (token counts, shape (B,)) are required for the NLL term; "
             "got None (pass cpo_alpha=0 to drop the term)"
         )
-    return loss - cpo_alpha * (p.hw / p.lw)
+    return loss - weight * (p.hw / p.lw)
 
 
 def orpo_loss(

@@ -17,6 +17,7 @@ from functools import cached_property
 from typing import Any
 
 from prefopt.losses.group import infonca_loss, lipo_loss, mpo_loss, nca_loss, plackett_luce_loss
+from prefopt.losses.inputs import check_options
 from prefopt.losses.pairwise import (
     aot_loss,
     aot_unpaired_loss,
@@ -135,6 +136,21 @@ class LossSpec:
                 f"{where}{self.name} takes no option(s) {unknown}; it takes {sorted(self.defaults)}"
             )
         return {**self.defaults, **given}
+
+    def checked(self, given: Mapping[str, Any] | None = None, *, fn: str = "") -> dict[str, Any]:
+        """``given`` completed with the defaults and validated as the loss function does.
+
+        The message of a bad value is the function's own (``"dpo_loss: beta must be a
+        finite number > 0; got -1.0"``), so a module, a trainer or the CLI that builds a
+        loss from options fails when built, with the words a call would give.
+
+        Raises:
+            TypeError: For an option the loss does not take (naming ``fn``).
+            ValueError: For a value out of its range.
+        """
+        options = self.options(given, fn=fn)
+        check_options(self.fn.__name__, options)
+        return options
 
 
 def _spec(name, fn, title, layout, **facts) -> tuple[str, LossSpec]:

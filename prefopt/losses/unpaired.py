@@ -129,6 +129,5 @@ def kto_loss(
             raise ValueError(f"{fn}: kl must be >= 0 (kto_kl clamps it at 0); got {float(kl)}")
     z = u.beta * (h - kl)
     # 1 - sigma(x) = sigma(-x), without the cancellation
-    return xp.where(
-        desirable, desirable_weight * sigmoid(-z, xp=xp), undesirable_weight * sigmoid(z, xp=xp)
-    )
+    good, bad = u.options["desirable_weight"], u.options["undesirable_weight"]
+    return xp.where(desirable, good * sigmoid(-z, xp=xp), bad * sigmoid(z, xp=xp))
