@@ -8,7 +8,7 @@ The scripts in ``tests/scripts`` are run by tests in subprocesses, never collect
 import importlib.util
 
 _NEEDS = {
-    "backends/torch.py": "torch",
+    "backends/torch": "torch",
     "backends/jax.py": "jax",
     "prefopt/cli": "transformers",
     "prefopt/integrations/transformers.py": "transformers",

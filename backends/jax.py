@@ -1,7 +1,9 @@
 """JAX backend: native ops for the core, and helpers for ``jit``, ``vmap`` and sharding.
 
-The losses themselves need nothing from here: they run under ``jax.jit``, ``jax.grad`` and
-``jax.vmap`` as they are (hyperparameters are Python numbers, static under tracing).
+The native ops (``log_sigmoid`` to ``stop_gradient``) keep the contract of
+``prefopt._ops.NATIVE_OPS``, as ``prefopt.backends.torch.ops`` does for PyTorch. The losses
+themselves need nothing from here: they run under ``jax.jit``, ``jax.grad`` and ``jax.vmap``
+as they are, their numeric options numbers or (traced) 0-d arrays.
 """
 
 from __future__ import annotations

@@ -161,6 +161,9 @@ def bench_torch_user_loop(calls: int):
             {
                 "native": native_mpo,
                 "prefopt": lambda lp, ref, r, m: mpo_module(lp, ref, r, mask=m),
+                "function": lambda lp, ref, r, m: prefopt.batch_loss(
+                    "mpo", lp, ref, r, mask=m, beta=BETA, alpha=ALPHA, reduction="mean", xp=torch_xp
+                ),
             },
             group_inputs,
             calls,

@@ -76,12 +76,29 @@ def _compiling() -> bool:
     return torch is not None and torch.compiler.is_compiling()
 
 
+# The native ops a backend supplies, the contract between this module and
+# prefopt.backends (``prefopt.backends.torch.ops``, ``prefopt.backends.jax``), tested for
+# every backend against the Array API fallbacks below (tests/test_ops.py):
+NATIVE_OPS = {
+    "log_sigmoid": "log_sigmoid(x) -> log(sigmoid(x)), elementwise: the shape and dtype of x",
+    "softplus": "softplus(x) -> log(1 + e^x), elementwise: the shape and dtype of x",
+    "logsumexp": "logsumexp(x, *, axis, keepdims) -> the stable log-sum-exp over axis",
+    "is_concrete": "is_concrete(x) -> bool: x's values can be read (not traced, not batched)",
+    "all_finite": "all_finite(x) -> bool, or None when x is not concrete",
+    "on_host": "on_host(x) -> bool: x is in host memory (reading it costs no device sync)",
+    "stop_gradient": "stop_gradient(x) -> x, with no gradient flowing back through it",
+}
+
+
 @functools.cache
 def native(xp: ModuleType) -> ModuleType | None:
-    """Return prefopt's backend module for ``xp`` (torch or jax), or ``None`` for the others."""
+    """Return the module of ``xp``'s native ops (torch or jax), or ``None`` for the others.
+
+    The module supplies every op of ``NATIVE_OPS``.
+    """
     # A functools cache, not a dict: see prefopt._checks on memos under torch.compile.
     if array_api_compat.is_torch_namespace(xp):
-        from prefopt.backends import torch as backend
+        from prefopt.backends.torch import ops as backend
     elif array_api_compat.is_jax_namespace(xp):
         from prefopt.backends import jax as backend
     else:

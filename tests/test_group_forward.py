@@ -275,12 +275,12 @@ class Syncs(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def test_a_collated_batch_trains_a_step_without_reading_a_value_back(monkeypatch):
-    import prefopt.backends.torch
+    import prefopt.backends.torch.ops
 
     from prefopt.integrations.transformers import loss_and_metrics
 
     # value checks read only arrays on the host (free there): take the tensors for a GPU's
-    monkeypatch.setattr(prefopt.backends.torch, "on_host", lambda x: False)
+    monkeypatch.setattr(prefopt.backends.torch.ops, "on_host", lambda x: False)
 
     model, reference = tiny("llama", torch.float32), tiny("llama", torch.float32)
     data = packed_batch()

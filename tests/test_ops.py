@@ -90,3 +90,33 @@ def test_masked_mean(backend):
     np.testing.assert_array_equal(per_row, [1.5, 0.0])
     assert float(backend.to_numpy(prefopt.masked_mean(x, mask))) == 1.5
     assert float(backend.to_numpy(prefopt.masked_mean(backend.asarray([1.0, 3.0])))) == 2.0
+
+
+# ---- the native-op contract (prefopt._ops.NATIVE_OPS): every backend supplies every op ----
+
+
+def test_every_native_backend_keeps_the_op_contract(diff_backend, rng):
+    from prefopt._ops import NATIVE_OPS, get_namespace, native
+
+    ops = native(get_namespace(diff_backend.asarray([0.0])))
+    assert ops is not None
+    assert all(callable(getattr(ops, name, None)) for name in NATIVE_OPS)
+    data = rng.normal(0.0, 30.0, (3, 5))
+    x = diff_backend.asarray(data, "float32")
+    for name, expected in (
+        ("log_sigmoid", [[reference.log_sigmoid(v) for v in row] for row in data]),
+        ("softplus", [[-reference.log_sigmoid(-v) for v in row] for row in data]),
+    ):
+        out = getattr(ops, name)(x)
+        assert out.shape == x.shape and out.dtype == x.dtype, name
+        assert_close(diff_backend.to_numpy(out), expected, "float32")
+    top = data.max(axis=-1, keepdims=True)
+    lse = top + np.log(np.exp(data - top).sum(axis=-1, keepdims=True))
+    out = ops.logsumexp(x, axis=-1, keepdims=True)
+    assert out.shape == (3, 1) and out.dtype == x.dtype
+    assert_close(diff_backend.to_numpy(out), lse, "float32")
+    assert ops.is_concrete(x) is True and ops.on_host(x) is (diff_backend.name in ("torch", "jax"))
+    assert ops.all_finite(x) is True
+    assert ops.all_finite(diff_backend.asarray([1.0, np.inf])) is False
+    _, (g,) = diff_backend.value_and_grad(lambda a: ops.stop_gradient(a) * a, [x], [0])
+    assert_close(diff_backend.to_numpy(g), diff_backend.to_numpy(x), "float32")  # d(c a)/da = c

@@ -326,6 +326,12 @@ def batch_loss(
     if found.layout == "group":
         if ref_logps is not None:
             lengths = None  # lengths normalise the reference-free variant only
+        if reduction == "mean" and found.terms is not None:  # one split, not two
+            arrays = {"logps": logps, "ref_logps": ref_logps, "rewards": rewards, "mask": mask}
+            per_group, kept = found.terms(
+                found.fn.__name__, {**arrays, "lengths": lengths, "xp": xp, **options}
+            )
+            return reduce(per_group, reduction, kept, xp=xp)
         per_group = found.fn(
             logps, ref_logps, rewards, mask=mask, lengths=lengths, xp=xp, **options
         )

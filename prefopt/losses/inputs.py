@@ -14,6 +14,7 @@ static). Values (finite rewards, positive lengths) follow ``check_values``; see
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from types import ModuleType
@@ -73,17 +74,44 @@ def check_options(fn: str, args: Mapping[str, Any]) -> None:
     ``label_smoothing < 0.5``...). A numeric option given as an array is checked where its
     value can be read (see ``_checks.option``).
     """
-    rules = {**_OPTION_CHECKS, **_NARROWER.get(fn, {})}
-    for name in rules.keys() & args.keys():
-        if name in NUMERIC:
-            _checks.option(fn, name, args[name], rules[name])
+    for name, rule, numeric in _rules(fn, tuple(args)):
+        value = args[name]
+        if type(value) in _PLAIN:  # a number or a string: checked once per value
+            _checked_plain(fn, name, value, rule)
+        elif numeric:
+            _checks.option(fn, name, value, rule)
         else:
-            rules[name](fn, name, args[name])
+            rule(fn, name, value)
 
 
 def numeric_options(fn: str, args: Mapping[str, Any], dtype, xp: ModuleType) -> dict[str, Any]:
-    """The numeric options of ``args`` in the compute ``dtype`` (numbers stay numbers)."""
-    return {k: _checks.scalar(fn, k, args[k], dtype, xp) for k in NUMERIC & args.keys()}
+    """The numeric options of ``args`` in the compute ``dtype`` (numbers as floats)."""
+    out = {}
+    for name in _numeric(tuple(args)):
+        value = args[name]
+        out[name] = value if type(value) is float else _checks.scalar(fn, name, value, dtype, xp)
+    return out
+
+
+# Eager calls are a hot path: the rules that apply to a loss's arguments, and the check of a
+# plain value, are memoised (functools caches, which torch.compile traces through).
+_PLAIN = (float, int, str)
+
+
+@functools.cache
+def _rules(fn: str, names: tuple[str, ...]) -> tuple:
+    rules = {**_OPTION_CHECKS, **_NARROWER.get(fn, {})}
+    return tuple((name, rules[name], name in NUMERIC) for name in names if name in rules)
+
+
+@functools.cache
+def _numeric(names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(name for name in names if name in NUMERIC)
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked_plain(fn: str, name: str, value: float | int | str, rule) -> None:
+    rule(fn, name, value)  # raises for a bad value; a good one is remembered
 
 
 # ---- pairs: (B,) chosen and rejected ------------------------------------------------------
@@ -158,9 +186,13 @@ def pair_arrays(
     if ref_chosen_logps is not None:
         given += [ref_chosen_logps, ref_rejected_logps]
     first = given[0]
+    shape, dtype = first.shape, first.dtype
     # The common case, one shape and one dtype, in a few comparisons (a hot path in eager
     # PyTorch); anything else goes through the checks that name the argument.
-    if first.ndim != 1 or any(x.shape != first.shape or x.dtype != first.dtype for x in given):
+    uniform = first.ndim == 1
+    for x in given:
+        uniform = uniform and x.shape == shape and x.dtype == dtype
+    if not uniform:
         names = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
         arrays = dict(
             zip(names, (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps))
@@ -171,7 +203,9 @@ def pair_arrays(
                 _checks.floating(fn, name, x, xp)
     else:
         _checks.floating(fn, "chosen_logps", first, xp)
-    dtype = _checks.compute_dtype(xp, *given)
+    dtype = _checks.compute_dtype(xp, *given) if not uniform else _checks.compute_dtype(xp, first)
+    if uniform and first.dtype == dtype:  # nothing to cast
+        return xp, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
     return (
         xp,
         _checks.cast(chosen_logps, dtype, xp),

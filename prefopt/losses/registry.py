@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from prefopt.losses.group import infonca_loss, lipo_loss, mpo_loss, nca_loss, plackett_luce_loss
+from prefopt.losses.group import (
+    infonca_loss,
+    lipo_loss,
+    mpo_loss,
+    mpo_terms,
+    nca_loss,
+    plackett_luce_loss,
+)
 from prefopt.losses.inputs import check_options
 from prefopt.losses.pairwise import (
     aot_loss,
@@ -81,6 +88,9 @@ class LossSpec:
             The other groups have loss exactly 0.
         couples_batch: The loss of one example depends on the others (it sorts across the
             batch): never chunk such a batch or apply the loss to pairs built from groups.
+        terms: For a loss whose counting rule needs its own split (MPO), the function of
+            the loss's arguments (a dict) that returns the per-group loss and the groups
+            that count in one pass, so that a ``"mean"`` splits once; else ``None``.
     """
 
     name: str
@@ -91,6 +101,7 @@ class LossSpec:
     lengths: str = "none"
     counts: str = "all"
     couples_batch: bool = False
+    terms: Callable | None = None
 
     @property
     def kind(self) -> str:
@@ -178,7 +189,7 @@ _LOSSES: dict[str, LossSpec] = dict(
         _spec("cpo", cpo_loss, "CPO", "pair", reference="none", lengths="chosen"),
         _spec("orpo", orpo_loss, "ORPO", "pair", reference="none", lengths="required"),
         _spec("kto", kto_loss, "KTO", "unpaired"),
-        _spec("mpo", mpo_loss, "MPO", "group", lengths="optional", counts="split"),
+        _spec("mpo", mpo_loss, "MPO", "group", lengths="optional", counts="split", terms=mpo_terms),
         _spec("infonca", infonca_loss, "InfoNCA", "group", lengths="optional", counts="two valid"),
         _spec("nca", nca_loss, "NCA", "group", lengths="optional", counts="one valid"),
         _spec(
