@@ -1,11 +1,12 @@
 """The inputs of a loss, checked and prepared: the pair, group and unpaired layouts side by side.
 
-Each loss opens with one call, ``pair_inputs(fn, dict(...))``, ``group_inputs(...)`` or
-``unpaired_inputs(...)``, that takes a dict of the loss's own arguments, checks shapes,
-dtypes and options, and returns a small named structure: the namespace, the log-ratios (or
-scores) in the compute dtype, and the checked ``beta``. The loss's body is then its formula.
-The dict is spelled out, not ``locals()``: ``torch.compile(fullgraph=True)`` on torch 2.11
-cannot trace ``locals()`` (torch 2.13 can).
+Each loss opens with one call, ``pair_inputs(loss, (its parameters' values))``,
+``group_inputs(...)`` or ``unpaired_inputs(...)``: the values are named by the loss's own
+signature (read once, ``arguments``), so no loss restates its parameter names; the call
+checks shapes, dtypes and options, and returns a small named structure: the namespace, the
+log-ratios (or scores) in the compute dtype, and the checked options. The loss's body is
+then its formula. The values are passed positionally, which ``torch.compile(fullgraph=True)``
+traces on every supported torch (``locals()`` only on torch 2.13 and later).
 
 Shapes, ranks, dtypes and options are checked on every call, traced or not (they are
 static). Values (finite rewards, positive lengths) follow ``check_values``; see
@@ -15,6 +16,7 @@ static). Values (finite rewards, positive lengths) follow ``check_values``; see
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Mapping
 from types import ModuleType
@@ -27,6 +29,31 @@ from prefopt._ops import Array, get_namespace, log_sigmoid, stop_gradient
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 WEIGHTINGS = ("abs", "signed", "squared", "none")
+
+
+def arguments(loss, *values: Any) -> dict[str, Any]:
+    """The arguments of a call of ``loss`` by name: ``values`` in its signature's order."""
+    names = _parameters(loss)
+    if len(values) != len(names):  # a loss passes every parameter, in order
+        raise TypeError(f"{loss.__name__}: {len(values)} values for {len(names)} parameters")
+    return dict(zip(names, values))
+
+
+def bound(fn, args) -> tuple[str, Mapping[str, Any]]:
+    """``(name, arguments)`` of a loss's call, named by the loss's signature.
+
+    ``fn`` is the loss and ``args`` its values in order, or already its name and a dict of
+    its arguments (the modules, the metrics).
+    """
+    if callable(fn):
+        return fn.__name__, arguments(fn, *args)
+    return fn, args
+
+
+@functools.cache
+def _parameters(loss) -> tuple[str, ...]:
+    return tuple(inspect.signature(loss).parameters)
+
 
 # The checks of the options that mean the same in every loss; a loss with a narrower range
 # (robust DPO's label_smoothing < 0.5, DiscoPOP's tau <= 1) adds one line of its own.
@@ -129,19 +156,19 @@ class Pair(NamedTuple):
     options: dict[str, Any]  # every numeric option likewise (see numeric_options)
 
 
-def pair_inputs(
-    fn: str, args: Mapping[str, Any], *, lengths: str = "optional", squared: bool = False
-) -> Pair:
-    """Check a pairwise loss's arguments (a dict of all of them); return a ``Pair``.
+def pair_inputs(fn, args, *, lengths: str = "optional", squared: bool = False) -> Pair:
+    """Check a pairwise loss's arguments; return a ``Pair``.
 
     Args:
-        fn: The loss's name, for errors.
+        fn: The loss function (``args`` its parameters' values, in order), or its name
+            (``args`` a dict of them), for errors.
         args: Its arguments: ``chosen_logps``, ``rejected_logps``, optionally the reference
             and lengths arrays, ``beta``, ``f_divergence``/``f_alpha`` and ``xp``.
         lengths: ``"optional"`` or ``"required"`` (token counts must be given).
         squared: The loss squares a difference of transformed log-ratios (IPO, SPPO): the
             f-divergence exponent is clipped where that square would overflow.
     """
+    fn, args = bound(fn, args)
     check_options(fn, args)
     arrays = pair_arrays(
         fn,
@@ -313,17 +340,19 @@ class Group(NamedTuple):
     options: dict[str, Any] | None = None  # every numeric option (see numeric_options)
 
 
-def group_inputs(fn: str, args: Mapping[str, Any]) -> Group:
-    """Check a group loss's arguments (a dict of all of them); return a ``Group``.
+def group_inputs(fn, args) -> Group:
+    """Check a group loss's arguments; return a ``Group``.
 
     Args:
-        fn: The loss's name, for errors.
+        fn: The loss function (``args`` its values, in order), or its name (``args`` a
+            dict), for errors.
         args: Its arguments: ``logps``, ``ref_logps``, ``rewards``, optionally ``mask``,
             ``chosen`` and ``lengths``, ``beta``, ``check_values`` and ``xp``.
 
     Groups of no response (n = 0) are one padding slot each: every group loss is then 0
     for them, as for any group without a valid response.
     """
+    fn, args = bound(fn, args)
     check_options(fn, args)
     check_values, chosen = args.get("check_values"), args.get("chosen")
     xp, logps, ref_logps, rewards, mask, lengths = group_arrays(
@@ -488,8 +517,9 @@ class Unpaired(NamedTuple):
     options: dict[str, Any]  # every numeric option likewise (see numeric_options)
 
 
-def unpaired_inputs(fn: str, args: Mapping[str, Any]) -> Unpaired:
-    """Check an unpaired loss's arguments (a dict of all of them); return ``Unpaired``."""
+def unpaired_inputs(fn, args) -> Unpaired:
+    """Check an unpaired loss's arguments (see ``pair_inputs``); return ``Unpaired``."""
+    fn, args = bound(fn, args)
     check_options(fn, args)
     logps, ref_logps = args["logps"], args["ref_logps"]
     xp = get_namespace(logps, ref_logps, args.get("desirable"), xp=args.get("xp"), fn=fn)

@@ -6,7 +6,7 @@ import math
 from types import ModuleType
 
 from prefopt._ops import Array, log_sigmoid
-from prefopt.losses.inputs import pair_inputs
+from prefopt.losses.inputs import arguments, pair_inputs
 from prefopt.losses.pairwise import smoothed_sigmoid_loss
 
 
@@ -51,20 +51,8 @@ def simpo_loss(
         Meng et al., "SimPO: Simple Preference Optimization with a Reference-Free Reward",
         NeurIPS 2024, arXiv:2405.14734.
     """
-    p = pair_inputs(
-        "simpo_loss",
-        dict(
-            chosen_logps=chosen_logps,
-            rejected_logps=rejected_logps,
-            chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths,
-            beta=beta,
-            gamma=gamma,
-            label_smoothing=label_smoothing,
-            xp=xp,
-        ),
-        lengths="required",
-    )
+    p = pair_inputs(simpo_loss, (chosen_logps, rejected_logps, chosen_lengths,
+        rejected_lengths, beta, gamma, label_smoothing, xp), lengths="required")  # fmt: skip
     z = p.beta * (p.hw / p.lw - p.hl / p.ll) - p.options["gamma"]
     return smoothed_sigmoid_loss(z, p.options["label_smoothing"], p.xp)
 
@@ -110,19 +98,8 @@ def cpo_loss(
         Xu et al., "Contrastive Preference Optimization: Pushing the Boundaries of LLM
         Performance in Machine Translation", ICML 2024, arXiv:2401.08417.
     """
-    p = pair_inputs(
-        "cpo_loss",
-        dict(
-            chosen_logps=chosen_logps,
-            rejected_logps=rejected_logps,
-            chosen_lengths=chosen_lengths,
-            beta=beta,
-            cpo_alpha=cpo_alpha,
-            label_smoothing=label_smoothing,
-            xp=xp,
-        ),
-        lengths="chosen",
-    )
+    p = pair_inputs(cpo_loss, (chosen_logps, rejected_logps, chosen_lengths, beta,
+        cpo_alpha, label_smoothing, xp), lengths="chosen")  # fmt: skip
     loss = smoothed_sigmoid_loss(p.beta * (p.hw - p.hl), p.options["label_smoothing"], p.xp)
     weight = p.options["cpo_alpha"]
     if isinstance(weight, float) and weight == 0.0:  # an array weight: the term stays
@@ -177,13 +154,8 @@ def orpo_loss(
     """
     p = pair_inputs(
         "orpo_loss",
-        dict(
-            chosen_logps=chosen_logps,
-            rejected_logps=rejected_logps,
-            chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths,
-            beta=beta,
-            xp=xp,
+        arguments(
+            orpo_loss, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta, xp
         ),
         lengths="required",
     )
