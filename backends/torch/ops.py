@@ -17,12 +17,13 @@ import warnings
 
 import torch
 
-# prefopt memoises dtype facts with functools caches (pure functions of dtypes), which
-# torch.compile traces through; its warning that it does so is about them, and not news.
+# prefopt memoises dtype facts and option rules with functools caches (pure functions),
+# which torch.compile traces through, as it does array-api-compat's own (_helpers.py, under
+# a trace, where prefopt's type cache is not read); its warning about them is not news.
 warnings.filterwarnings(
     "ignore",
     message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped function "
-    r"at '(_checks|_ops|group|inputs)\.py",
+    r"at '(_checks|_ops|group|inputs|_helpers)\.py",
     category=UserWarning,
 )
 

@@ -156,7 +156,7 @@ class Pair(NamedTuple):
     options: dict[str, Any]  # every numeric option likewise (see numeric_options)
 
 
-def pair_inputs(fn, args, *, lengths: str = "optional", squared: bool = False) -> Pair:
+def pair_inputs(fn, args, *, squared: bool = False) -> Pair:
     """Check a pairwise loss's arguments; return a ``Pair``.
 
     Args:
@@ -164,7 +164,6 @@ def pair_inputs(fn, args, *, lengths: str = "optional", squared: bool = False) -
             (``args`` a dict of them), for errors.
         args: Its arguments: ``chosen_logps``, ``rejected_logps``, optionally the reference
             and lengths arrays, ``beta``, ``f_divergence``/``f_alpha`` and ``xp``.
-        lengths: ``"optional"`` or ``"required"`` (token counts must be given).
         squared: The loss squares a difference of transformed log-ratios (IPO, SPPO): the
             f-divergence exponent is clipped where that square would overflow.
     """
@@ -187,11 +186,22 @@ def pair_inputs(fn, args, *, lengths: str = "optional", squared: bool = False) -
         f_alpha = options["f_alpha"]
         hw, hl = (f_transform(h, f_divergence, f_alpha, xp, squared=squared) for h in (hw, hl))
     lw = ll = None
-    if "chosen_lengths" in args:
+    if "chosen_lengths" in args:  # whether they are required: the registry's fact
         lw, ll = pair_lengths(
-            fn, args["chosen_lengths"], args.get("rejected_lengths"), hw, xp, lengths
+            fn, args["chosen_lengths"], args.get("rejected_lengths"), hw, xp, _lengths(fn)
         )
     return Pair(xp, hw, hl, lw, ll, options["beta"], options)
+
+
+@functools.cache
+def _lengths(fn: str) -> str:
+    """The registry's ``lengths`` of the loss function named ``fn`` (read once per loss).
+
+    ``"optional"`` for a caller that is not a registered loss (the metrics).
+    """
+    from prefopt.losses.registry import specs  # the registry imports the losses
+
+    return next((s.lengths for s in specs().values() if s.fn.__name__ == fn), "optional")
 
 
 def pair_arrays(

@@ -712,7 +712,7 @@ def sigmoid_norm_loss(
     """
     p = pair_inputs(sigmoid_norm_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
         ref_rejected_logps, chosen_lengths, rejected_lengths, beta, f_divergence,
-        f_alpha, xp), lengths="required")  # fmt: skip
+        f_alpha, xp))  # fmt: skip
     return 0.0 - log_sigmoid(p.beta * (p.hw / p.lw - p.hl / p.ll), xp=p.xp)
 
 

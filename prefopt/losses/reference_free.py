@@ -6,7 +6,7 @@ import math
 from types import ModuleType
 
 from prefopt._ops import Array, log_sigmoid
-from prefopt.losses.inputs import arguments, pair_inputs
+from prefopt.losses.inputs import pair_inputs
 from prefopt.losses.pairwise import smoothed_sigmoid_loss
 
 
@@ -52,7 +52,7 @@ def simpo_loss(
         NeurIPS 2024, arXiv:2405.14734.
     """
     p = pair_inputs(simpo_loss, (chosen_logps, rejected_logps, chosen_lengths,
-        rejected_lengths, beta, gamma, label_smoothing, xp), lengths="required")  # fmt: skip
+        rejected_lengths, beta, gamma, label_smoothing, xp))  # fmt: skip
     z = p.beta * (p.hw / p.lw - p.hl / p.ll) - p.options["gamma"]
     return smoothed_sigmoid_loss(z, p.options["label_smoothing"], p.xp)
 
@@ -99,7 +99,7 @@ def cpo_loss(
         Performance in Machine Translation", ICML 2024, arXiv:2401.08417.
     """
     p = pair_inputs(cpo_loss, (chosen_logps, rejected_logps, chosen_lengths, beta,
-        cpo_alpha, label_smoothing, xp), lengths="chosen")  # fmt: skip
+        cpo_alpha, label_smoothing, xp))  # fmt: skip
     loss = smoothed_sigmoid_loss(p.beta * (p.hw - p.hl), p.options["label_smoothing"], p.xp)
     weight = p.options["cpo_alpha"]
     if isinstance(weight, float) and weight == 0.0:  # an array weight: the term stays
@@ -152,13 +152,8 @@ def orpo_loss(
         Hong et al., "ORPO: Monolithic Preference Optimization without Reference Model",
         EMNLP 2024, arXiv:2403.07691.
     """
-    p = pair_inputs(
-        "orpo_loss",
-        arguments(
-            orpo_loss, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta, xp
-        ),
-        lengths="required",
-    )
+    p = pair_inputs(orpo_loss, (chosen_logps, rejected_logps, chosen_lengths, rejected_lengths,
+        beta, xp))  # fmt: skip
     aw, al = p.hw / p.lw, p.hl / p.ll
     return 0.0 - aw - p.beta * log_sigmoid(_log_odds(aw, p.xp) - _log_odds(al, p.xp), xp=p.xp)
 
