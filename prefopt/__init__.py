@@ -4,84 +4,23 @@ The same call runs on NumPy, PyTorch (CPU, CUDA, ``torch.compile``) and JAX (``j
 ``grad``, ``vmap``, sharded arrays). ``import prefopt`` imports neither torch nor jax.
 """
 
-from prefopt import metrics
+from prefopt import losses, metrics
 from prefopt._ops import log_sigmoid, logsumexp, masked_mean, softplus
 from prefopt.logps import causal_lm_logps, sequence_logps, shift_labels, token_logps
-from prefopt.losses import (
-    aot_loss,
-    aot_unpaired_loss,
-    apo_down_loss,
-    apo_zero_loss,
-    available_losses,
-    batch_loss,
-    bco_pair_loss,
-    combine_losses,
-    cpo_loss,
-    discopop_loss,
-    dpo_loss,
-    exo_pair_loss,
-    get_loss,
-    group_pairwise_loss,
-    hinge_loss,
-    infonca_loss,
-    ipo_loss,
-    kto_kl,
-    kto_loss,
-    lipo_loss,
-    mpo_loss,
-    mpo_split,
-    nca_loss,
-    nca_pair_loss,
-    orpo_loss,
-    pairs_as_groups,
-    plackett_luce_loss,
-    robust_dpo_loss,
-    sigmoid_norm_loss,
-    simpo_loss,
-    sppo_hard_loss,
-)
+from prefopt.losses import *  # noqa: F403 (its __all__: every loss and composition)
 
 __version__ = "0.1.0"
 
+# The losses are prefopt.losses.__all__, listed once there; the rest live here.
 __all__ = [
-    "aot_loss",
-    "aot_unpaired_loss",
-    "apo_down_loss",
-    "apo_zero_loss",
-    "available_losses",
-    "batch_loss",
-    "bco_pair_loss",
     "causal_lm_logps",
-    "combine_losses",
-    "cpo_loss",
-    "discopop_loss",
-    "dpo_loss",
-    "exo_pair_loss",
-    "get_loss",
-    "group_pairwise_loss",
-    "hinge_loss",
-    "infonca_loss",
-    "ipo_loss",
-    "kto_kl",
-    "kto_loss",
-    "lipo_loss",
     "log_sigmoid",
     "logsumexp",
     "masked_mean",
     "metrics",
-    "mpo_loss",
-    "mpo_split",
-    "nca_loss",
-    "nca_pair_loss",
-    "orpo_loss",
-    "pairs_as_groups",
-    "plackett_luce_loss",
-    "robust_dpo_loss",
     "sequence_logps",
     "shift_labels",
-    "sigmoid_norm_loss",
-    "simpo_loss",
     "softplus",
-    "sppo_hard_loss",
     "token_logps",
+    *losses.__all__,
 ]

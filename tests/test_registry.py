@@ -150,3 +150,13 @@ def test_batch_loss_rejects_options_the_loss_does_not_take(rng):
     logps, ref, rewards, _ = _groups(rng)
     with pytest.raises(TypeError, match=r"batch_loss: sigmoid takes no option\(s\) \['alpha'\]"):
         prefopt.batch_loss("sigmoid", logps, ref, rewards, alpha=1.0)
+
+
+def test_the_registry_and_the_exports_name_the_same_losses():
+    # The registry lists the losses with their facts, prefopt.losses.__all__ exports them
+    # (prefopt re-exports that list): two places, held in step here, not by hand.
+    registered = {s.fn.__name__ for s in prefopt.losses.registry.specs().values()}
+    exported = {n for n in prefopt.losses.__all__ if n.endswith("_loss")}
+    compositions = {"batch_loss", "group_pairwise_loss", "get_loss"}  # of losses, not losses
+    assert exported - compositions == registered
+    assert set(prefopt.losses.__all__) <= set(prefopt.__all__)
