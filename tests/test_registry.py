@@ -160,3 +160,19 @@ def test_the_registry_and_the_exports_name_the_same_losses():
     compositions = {"batch_loss", "group_pairwise_loss", "get_loss"}  # of losses, not losses
     assert exported - compositions == registered
     assert set(prefopt.losses.__all__) <= set(prefopt.__all__)
+
+
+def test_a_loss_config_is_validated_once_and_frozen():
+    import dataclasses
+
+    found = prefopt.losses.registry.spec("mpo")
+    config = found.config({"beta": 0.2}, fn="here")
+    assert config.name == "mpo" and dict(config.options) == {**found.defaults, "beta": 0.2}
+    with pytest.raises(TypeError):
+        config.options["beta"] = 0.3  # read-only
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.options = {}
+    with pytest.raises(ValueError, match=r"^mpo_loss: beta must be a finite number > 0; got -1.0$"):
+        found.config({"beta": -1.0})
+    with pytest.raises(TypeError, match=r"^here: mpo takes no option\(s\) \['tau'\]"):
+        found.config({"tau": 1.0}, fn="here")

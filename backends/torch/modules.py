@@ -50,9 +50,10 @@ class PreferenceLoss(torch.nn.Module):
         if reduction not in REDUCTIONS:
             raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}; got {reduction!r}")
         self.spec = spec(self.loss, name)
-        self.spec.checked(options, fn=name)  # a bad value fails here, as the function would
+        # validated here, as the function would (its own message), and frozen
+        self.config = self.spec.config(options, fn=name)
         self.reduction = reduction
-        self.options = options
+        self.options = options  # as given: what print(module) shows
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -79,7 +80,7 @@ class PreferenceLoss(torch.nn.Module):
             return self.reduce(found.fn(*arrays, **inputs, **self.options, xp=torch_xp))
         bound = {**dict(zip(POSITIONAL[found.layout], arrays)), **inputs}
         if found.terms is not None:  # the loss and the groups that count: one split, not two
-            args = {"ref_logps": None, **bound, **found.options(self.options), "xp": torch_xp}
+            args = {"ref_logps": None, **bound, **self.config.options, "xp": torch_xp}
             loss, kept = found.terms(found.fn.__name__, args)
             return reduce(loss, self.reduction, kept, xp=torch_xp)
         loss = found.fn(*arrays, **inputs, **self.options, xp=torch_xp)

@@ -18,10 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-import prefopt
 from prefopt.cli.config import Config
 from prefopt.cli.reward import (
     RewardError,
@@ -166,17 +164,8 @@ def check(config: Config) -> dict[str, Any]:
             f"{flag}: --loss {config.loss} takes no option {key!r}; "
             f"it takes {', '.join(sorted(found.defaults))}"
         )
-    try:  # the loss's own checks of its options, on a tiny batch, before any model loads
-        logps = np.array([[-1.0, -2.0]])
-        prefopt.batch_loss(
-            config.loss,
-            logps,
-            logps,
-            np.array([[1.0, 0.0]]),
-            lengths=np.ones((1, 2)),
-            pairs=config.pairs,
-            **given,
-        )
+    try:  # the loss's own checks of its options, before any model loads
+        found.config(given, fn="--loss")
     except (TypeError, ValueError) as err:
         raise UserError(f"loss options: {err}") from None
     return given

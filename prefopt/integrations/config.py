@@ -230,7 +230,7 @@ def trainer_settings(args: Any) -> TrainerSettings:
             raise TypeError(f"{where}: {names} take no option(s) {unused}; they take {takes}")
     checked = []
     for (name, weight, given), s in zip(losses, found):
-        checked.append((name, weight, s.checked(given, fn=where)))
+        checked.append((name, weight, dict(s.config(given, fn=where).options)))
     pairs = get("pairs", "all")
     if pairs not in ("all", "best_worst"):
         raise ValueError(f"{where}: pairs must be 'all' or 'best_worst'; got {pairs!r}")

@@ -124,7 +124,7 @@ def make_train_step(
 
     # an unknown loss or an option it does not take fails here, not inside the trace
     found = spec(loss, "make_train_step")
-    found.checked(options, fn="make_train_step")
+    found.config(options, fn="make_train_step")
 
     def step(params, opt_state, batch, **schedule):
         found.options(schedule, fn="make_train_step: step")

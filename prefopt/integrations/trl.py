@@ -109,7 +109,7 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
         found = spec(loss, f"{WHERE}: loss")
         if found.layout == "unpaired":
             raise ValueError(f"{WHERE}: loss {loss!r} needs unpaired data; use a group loss")
-        options = found.checked(loss_options, fn=WHERE)
+        options = dict(found.config(loss_options, fn=WHERE).options)
         if args is not None:
             n, per_device = args.num_generations, args.per_device_train_batch_size
             if found.couples_batch and n > 2:

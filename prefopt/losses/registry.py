@@ -14,6 +14,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from types import MappingProxyType
 from typing import Any
 
 from prefopt.losses.group import (
@@ -44,7 +45,7 @@ from prefopt.losses.pairwise import (
 from prefopt.losses.reference_free import cpo_loss, orpo_loss, simpo_loss
 from prefopt.losses.unpaired import kto_loss
 
-__all__ = ["LossSpec", "available_losses", "get_loss", "spec", "specs"]
+__all__ = ["LossConfig", "LossSpec", "available_losses", "get_loss", "spec", "specs"]
 
 # The arrays of each layout, in the order the loss functions take them positionally first.
 INPUTS = {
@@ -148,12 +149,20 @@ class LossSpec:
             )
         return {**self.defaults, **given}
 
-    def checked(self, given: Mapping[str, Any] | None = None, *, fn: str = "") -> dict[str, Any]:
-        """``given`` completed with the defaults and validated as the loss function does.
+    def config(self, given: Mapping[str, Any] | None = None, *, fn: str = "") -> LossConfig:
+        """The loss with ``given`` options, completed with the defaults and validated once.
 
         The message of a bad value is the function's own (``"dpo_loss: beta must be a
-        finite number > 0; got -1.0"``), so a module, a trainer or the CLI that builds a
-        loss from options fails when built, with the words a call would give.
+        finite number > 0; got -1.0"``), so a module, a trainer, the CLI or the JAX train
+        step that builds a loss from options fails when built, with the words a call would
+        give.
+
+        Args:
+            given: Options of the loss; the others keep its defaults.
+            fn: The caller to name in the error for an option the loss does not take.
+
+        Returns:
+            A frozen [`LossConfig`][prefopt.losses.registry.LossConfig].
 
         Raises:
             TypeError: For an option the loss does not take (naming ``fn``).
@@ -161,7 +170,28 @@ class LossSpec:
         """
         options = self.options(given, fn=fn)
         check_options(self.fn.__name__, options)
-        return options
+        return LossConfig(self, MappingProxyType(options))
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """A registered loss with its options, validated when built (``LossSpec.config``).
+
+    The torch modules, both trainers, ``prefopt train`` and the JAX train step hold one:
+    the options are checked once, by the loss's own rules, and cannot change after.
+
+    Attributes:
+        spec: The loss's [`LossSpec`][prefopt.losses.registry.LossSpec].
+        options: Every option of the loss (the defaults filled in), read-only.
+    """
+
+    spec: LossSpec
+    options: Mapping[str, Any]
+
+    @property
+    def name(self) -> str:
+        """The registered name."""
+        return self.spec.name
 
 
 def _spec(name, fn, title, layout, **facts) -> tuple[str, LossSpec]:
