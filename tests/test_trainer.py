@@ -179,7 +179,7 @@ def test_an_unsupported_dpo_config_field_raises_naming_it(tmp_path, fields, matc
         ({"beta": -1.0}, PAIRS, ValueError, "beta must be a finite number > 0"),
         ({"loss_type": ["ipo", "hinge"], "loss_weights": [1.0]}, PAIRS, ValueError,
          "loss_weights needs one weight per loss"),
-        ({"pairs": "best"}, PAIRS, ValueError, "pairs must be 'all' or 'best_worst'"),
+        ({"pairs": "best"}, PAIRS, ValueError, "pairs must be one of 'all', 'best_worst'"),
         ({"truncation_mode": "keep_middle"}, PAIRS, ValueError, "truncation_mode must be"),
     ],
 )  # fmt: skip

@@ -27,6 +27,7 @@ def parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     from prefopt import __version__
     from prefopt.cli.config import Config
+    from prefopt.losses.compose import PAIRS
 
     d = Config()
     top = _Parser(
@@ -110,7 +111,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--pairs",
-        choices=["all", "best_worst"],
+        choices=PAIRS,
         default=d.pairs,
         help="pairwise losses on groups: all chosen/rejected pairs or best vs worst",
     )

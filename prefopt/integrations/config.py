@@ -8,7 +8,9 @@ from typing import Any
 
 import transformers
 
+from prefopt import _checks
 from prefopt.integrations.data import Truncation
+from prefopt.losses.compose import PAIRS
 from prefopt.losses.registry import spec
 
 __all__ = ["PreferenceConfig", "TrainerSettings", "trainer_settings"]
@@ -232,8 +234,7 @@ def trainer_settings(args: Any) -> TrainerSettings:
     for (name, weight, given), s in zip(losses, found):
         checked.append((name, weight, dict(s.config(given, fn=where).options)))
     pairs = get("pairs", "all")
-    if pairs not in ("all", "best_worst"):
-        raise ValueError(f"{where}: pairs must be 'all' or 'best_worst'; got {pairs!r}")
+    _checks.one_of(where, "pairs", pairs, PAIRS)
     try:
         truncation = Truncation(
             get("max_length"),

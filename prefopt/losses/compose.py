@@ -16,6 +16,8 @@ from prefopt.losses.inputs import group_arrays, nan_where_unchecked, reward_grou
 from prefopt.losses.registry import INPUTS, POSITIONAL, LossSpec, spec
 
 REDUCTIONS = ("mean", "batchmean", "sum", "none")
+# The pairs a pairwise loss takes from a group; the CLI and the trainer config read this.
+PAIRS = ("all", "best_worst")
 
 
 def combine_losses(
@@ -175,7 +177,7 @@ def group_pairwise_loss(
             f"{fn}: loss must be a pairwise loss that does not sort across the batch; "
             f"got {loss!r} ({found.kind}{', couples the batch' if found.couples_batch else ''})"
         )
-    _checks.one_of(fn, "pairs", pairs, ("all", "best_worst"))
+    _checks.one_of(fn, "pairs", pairs, PAIRS)
     if pairs == "best_worst" and chosen is not None:
         raise ValueError(f"{fn}: chosen applies to pairs='all' only")
     options = found.options(options, fn=fn)
