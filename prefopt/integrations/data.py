@@ -494,12 +494,12 @@ def pack_groups(batch: Mapping[str, Any]) -> dict[str, Any] | None:
     lay = group_layout(prompt, lengths, xp=xp)
     att = response_attention(lay, prompt, lengths, xp=xp)
     R = lay.label_mask.shape[-1]
-    flat = xp.nonzero(xp.reshape(lay.label_mask, (-1,)))[0]  # every response token
+    # the response tokens whose log-prob counts (a tool's result is read, not counted):
+    # only these go through the output layer
+    column = xp.clip(prompt[:, None, None] + xp.arange(R), max=T - 1)
+    counted = xp.take_along_axis(is_label, xp.broadcast_to(column, (B, n, R)), axis=-1)
+    flat = xp.nonzero(xp.reshape(lay.label_mask & counted, (-1,)))[0]
     g, i, k = flat // (n * R), (flat // R) % n, flat % R
-    counted = xp.take(xp.reshape(is_label, (-1,)), (g * n + i) * T + xp.take(prompt, g) + k)
-    if not bool(xp.all(counted)):  # only the counted tokens go through the output layer
-        flat = flat[counted]
-        g, i, k = flat // (n * R), (flat // R) % n, flat % R
     rows_of_ids = xp.reshape(ids, (B, n * T))
     return {
         "packed_ids": xp.take_along_axis(rows_of_ids, lay.response * T + lay.column, axis=1),

@@ -202,26 +202,22 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
         completions = _rows(inputs["completion_ids"], inputs["completion_mask"])
         # tool calls and environments: 0 on the tokens the model read but did not write
         tools = inputs.get("tool_mask")
-        flags = _rows(tools, inputs["completion_mask"]) if tools is not None else None
+        if tools is not None:
+            flags = _rows(tools, inputs["completion_mask"])
+        else:
+            flags = [[1] * len(c) for c in completions]
         rewards = inputs["raw_rewards"].tolist()
         groups, masks = [], []
         for g in range(0, len(prompts), n):
             if any(prompts[i] != prompts[g] for i in range(g, g + n)):
                 raise RuntimeError(f"{WHERE}: a micro-batch split a group (a prefopt bug)")
-            keep = [
-                i
-                for i in range(g, g + n)
-                if completions[i] and any(flags[i] if flags else [1]) and rewards[i] == rewards[i]
-            ]
+            keep = [i for i in range(g, g + n) if any(flags[i]) and rewards[i] == rewards[i]]
             if not keep:  # nothing scorable: a group of one token that counts for nothing
                 keep, rewards[g] = [g], 0.0
-                completions[g] = inputs["completion_ids"][g, :1].tolist()
-                if flags:
-                    flags[g] = [1]
+                completions[g], flags[g] = inputs["completion_ids"][g, :1].tolist(), [1]
             groups.append((prompts[g], [completions[i] for i in keep], [rewards[i] for i in keep]))
-            if flags:
-                masks.append([flags[i] for i in keep])
-        batch = self.collator.collate_ids(groups, label_masks=masks if flags else None)
+            masks.append([flags[i] for i in keep])
+        batch = self.collator.collate_ids(groups, label_masks=masks)
         device = inputs["prompt_ids"].device
         return {k: v.to(device) for k, v in batch.items()}
 

@@ -240,7 +240,7 @@ def pair_arrays(
                 _checks.floating(fn, name, x, xp)
     else:
         _checks.floating(fn, "chosen_logps", first, xp)
-    dtype = _checks.compute_dtype(xp, *given) if not uniform else _checks.compute_dtype(xp, first)
+    dtype = _checks.compute_dtype(xp, *given)
     if uniform and first.dtype == dtype:  # nothing to cast
         return xp, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
     return (
