@@ -61,6 +61,15 @@ def test_unrelated_name_gets_no_suggestion():
 SPECS = prefopt.losses.registry.specs()
 
 
+EXPECTED_LENGTHS = {
+    "ipo": "optional",  # per-token mean log-ratios when given (TRL's IPO)
+    "sigmoid_norm": "required",
+    "simpo": "required",
+    "orpo": "required",
+    "cpo": "chosen",  # the NLL term's per-token mean
+}
+
+
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_spec_agrees_with_the_function_signature(name):
     import inspect
@@ -68,19 +77,49 @@ def test_spec_agrees_with_the_function_signature(name):
     found = SPECS[name]
     params = inspect.signature(found.fn).parameters
     assert ("ref_chosen_logps" in params or "ref_logps" in params) == (found.reference != "none")
-    has = {k for k in ("chosen_lengths", "rejected_lengths", "lengths") if k in params}
-    expected = {
-        "none": set(),
-        "chosen": {"chosen_lengths"},
-        "optional": {"lengths"}
-        if found.layout == "group"
-        else {"chosen_lengths", "rejected_lengths"},
-        "required": {"chosen_lengths", "rejected_lengths"},
-    }[found.lengths]
-    assert has == expected
+    # `lengths` is read from the signature; the table is what each paper's loss takes
+    default = "optional" if found.layout == "group" else "none"
+    assert found.lengths == EXPECTED_LENGTHS.get(name, default)
     for option, default in found.defaults.items():
         assert params[option].kind is params[option].KEYWORD_ONLY
         assert params[option].default == default
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SPECS if SPECS[n].lengths != "none"))
+def test_uses_lengths_is_what_the_function_does_with_them(rng, name):
+    # The one statement of where lengths go: a loss that `uses_lengths` gives another value
+    # with them; one that does not refuses them, the function and batch_loss alike.
+    found = SPECS[name]
+    logps, ref, rewards, lengths = _groups(rng)
+    rewards[1] = [2.0, 1.0, 0.0, 0.0, -1.0]  # no tie: every group counts
+    for reference in [None, ref] if found.reference != "none" else [None]:
+        call = dict(reduction="none", pairs="best_worst") if found.layout == "pair" else {}
+        uses = found.uses_lengths(reference is not None)
+        assert uses == (found.layout == "pair" or reference is None)
+        if uses:
+            with_lengths = prefopt.batch_loss(
+                name, logps, reference, rewards, **call, lengths=lengths
+            )
+            if found.lengths == "optional":  # cpo needs them for its NLL term
+                without = prefopt.batch_loss(name, logps, reference, rewards, **call)
+                assert not np.allclose(with_lengths, without)
+            continue
+        with pytest.raises(ValueError, match="uses lengths only without ref_logps; pass lengths="):
+            prefopt.batch_loss(name, logps, reference, rewards, lengths=lengths, **call)
+        with pytest.raises(ValueError, match="lengths normalise the reference-free variant only"):
+            found.fn(logps, reference, rewards, lengths=lengths)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "simpo"])
+def test_batch_loss_refuses_inputs_the_loss_does_not_use(rng, name):
+    # Before: batch_loss dropped them silently, where the loss functions refuse them.
+    logps, ref, rewards, lengths = _groups(rng)
+    if name == "sigmoid":
+        with pytest.raises(ValueError, match="batch_loss: 'sigmoid' takes no lengths"):
+            prefopt.batch_loss(name, logps, ref, rewards, lengths=lengths)
+    else:
+        with pytest.raises(ValueError, match="batch_loss: 'simpo' is reference-free"):
+            prefopt.batch_loss(name, logps, ref, rewards, lengths=lengths)
 
 
 def test_options_are_checked_and_completed_with_the_loss_defaults():
@@ -117,8 +156,11 @@ def test_batch_loss_gives_group_losses_their_lengths_without_a_reference(rng):
     got = prefopt.batch_loss("mpo", logps, None, rewards, lengths=lengths)
     expected = prefopt.mpo_loss(logps, None, rewards, lengths=lengths).sum() / len(logps)
     np.testing.assert_allclose(got, expected, rtol=1e-14)
-    with_ref = prefopt.batch_loss("mpo", logps, ref, rewards, lengths=lengths)
-    np.testing.assert_allclose(with_ref, prefopt.mpo_loss(logps, ref, rewards).mean(), rtol=1e-14)
+    # with a reference the lengths would not be used: refused, as mpo_loss refuses them
+    with pytest.raises(ValueError, match="'mpo' uses lengths only without ref_logps"):
+        prefopt.batch_loss("mpo", logps, ref, rewards, lengths=lengths)
+    with pytest.raises(ValueError, match="lengths normalise the reference-free variant only"):
+        prefopt.mpo_loss(logps, ref, rewards, lengths=lengths)
 
 
 @pytest.mark.parametrize("name", ["mpo", "lipo", "infonca", "nca", "plackett_luce", "sigmoid"])

@@ -90,17 +90,20 @@ def test_batch_loss_dispatches_by_kind(tok):
     logps, lengths = batch_logps(tiny(tok), batch)
     ref = logps.detach() + 0.5
     args = (logps, ref, batch["rewards"])
-    kw = {"mask": batch["mask"], "lengths": lengths}
+    kw = {"mask": batch["mask"]}
     mpo = prefopt.batch_loss("mpo", *args, **kw, beta=0.2)
     expected = (
         prefopt.mpo_loss(logps, ref, batch["rewards"], mask=batch["mask"], beta=0.2).sum() / 4
     )
     torch.testing.assert_close(mpo, expected)
     pair = prefopt.batch_loss("sigmoid", *args, **kw)  # group 1 is a pair: its loss is DPO's
-    simpo = prefopt.batch_loss("simpo", *args, **kw)  # reference-free, uses lengths
+    # reference-free, uses lengths
+    simpo = prefopt.batch_loss("simpo", logps, None, batch["rewards"], **kw, lengths=lengths)
     assert torch.isfinite(pair) and torch.isfinite(simpo)
     with pytest.raises(ValueError, match="'kto' needs unpaired data"):
         prefopt.batch_loss("kto", *args, **kw)
+    with pytest.raises(ValueError, match="'mpo' uses lengths only without ref_logps"):
+        prefopt.batch_loss("mpo", *args, **kw, lengths=lengths)  # would not be used
 
 
 def trainer(tok, tmp_path, batch_size, accumulation, ref_model=None, **options):

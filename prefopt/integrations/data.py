@@ -402,7 +402,8 @@ def group_loss_and_metrics(
         logps: (B, n) summed response log-probs under the policy.
         ref_logps: (B, n) under the reference, or ``None``; dropped for reference-free losses.
         batch: The batch's ``rewards`` and ``mask``, each (B, n).
-        lengths: (B, n) response token counts.
+        lengths: (B, n) response token counts, given to the loss where it uses them
+            ([`LossSpec.uses_lengths`][prefopt.losses.registry.LossSpec.uses_lengths]).
         pairs: ``"all"`` (default) or ``"best_worst"``, for pairwise losses.
         options: Options of the loss; the others keep the loss's defaults.
 
@@ -419,7 +420,7 @@ def group_loss_and_metrics(
         ref_logps,
         batch["rewards"],
         mask=batch["mask"],
-        lengths=lengths,
+        lengths=lengths if found.uses_lengths(ref_logps is not None) else None,
         pairs=pairs,
         **options,
     )

@@ -181,12 +181,7 @@ def group_pairwise_loss(
     if pairs == "best_worst" and chosen is not None:
         raise ValueError(f"{fn}: chosen applies to pairs='all' only")
     options = found.options(options, fn=fn)
-    if ref_logps is not None and found.reference == "none":
-        raise ValueError(f"{fn}: {loss!r} is reference-free; pass ref_logps=None")
-    if lengths is not None and found.lengths == "none":
-        raise ValueError(f"{fn}: {loss!r} takes no lengths; pass lengths=None")
-    if lengths is None and found.lengths == "required":
-        raise ValueError(f"{fn}: {loss!r} needs lengths (response token counts), shape (B, n)")
+    check_taken(fn, found, ref_logps, lengths)
     xp, logps, ref_logps, rewards, mask, lengths = group_arrays(
         fn, logps, ref_logps, rewards, mask, lengths, chosen, xp
     )
@@ -242,6 +237,23 @@ def group_pairwise_loss(
     return nan_where_unchecked(loss, group)
 
 
+def check_taken(fn: str, found, ref_logps: Array | None, lengths: Array | None) -> None:
+    """Refuse a reference or lengths that the loss would not use, and missing lengths it needs.
+
+    ``found`` is the loss's ``LossSpec``; where lengths go is its ``uses_lengths``.
+    """
+    loss = found.name
+    if ref_logps is not None and found.reference == "none":
+        raise ValueError(f"{fn}: {loss!r} is reference-free; pass ref_logps=None")
+    if lengths is not None and not found.uses_lengths(ref_logps is not None):
+        why = "takes no lengths"
+        if found.lengths != "none":
+            why = "uses lengths only without ref_logps"
+        raise ValueError(f"{fn}: {loss!r} {why}; pass lengths=None")
+    if lengths is None and found.lengths == "required":
+        raise ValueError(f"{fn}: {loss!r} needs lengths (response token counts), shape (B, n)")
+
+
 def batch_loss(
     loss: str,
     logps: Array,
@@ -269,11 +281,14 @@ def batch_loss(
     gradient of one large batch. ``reduction="mean"`` divides by the number of groups that
     count instead (the loss's counting rule, as the torch modules' ``"mean"``).
 
-    Group losses take the groups as they are, with ``lengths`` when ``ref_logps`` is
+    Group losses take the groups as they are, with ``lengths`` only when ``ref_logps`` is
     ``None`` (the reference-free, length-normalised variant). Pairwise and reference-free
     losses run through [`group_pairwise_loss`][prefopt.group_pairwise_loss] (pair rows,
     groups of two with rewards 1 and 0, give the plain pairwise loss), the reference-free
-    ones without ``ref_logps``, and those that take token counts with ``lengths``. Losses
+    ones without ``ref_logps``, and those that take token counts with ``lengths``. An input
+    the loss does not use is refused, never dropped:
+    [`LossSpec.uses_lengths`][prefopt.losses.registry.LossSpec.uses_lengths] says where
+    lengths go. Losses
     that sort across the batch (``aot``, ``aot_unpaired``) run on a batch of pairs only
     (n = 2, the higher reward chosen). This is what the trainer integrations and
     ``prefopt train`` minimise.
@@ -285,8 +300,8 @@ def batch_loss(
         ref_logps: (B, n) the same under the reference, or ``None``.
         rewards: (B, n) rewards.
         mask: (B, n) boolean, the real responses. Default ``None``: all.
-        lengths: (B, n) response token counts, for the losses that take lengths.
-            Default ``None``.
+        lengths: (B, n) response token counts, for the losses that use them. Default
+            ``None``.
         pairs: ``"all"`` (default) or ``"best_worst"``, for pairwise losses.
         reduction: ``"batchmean"`` (default), ``"mean"`` (over the groups that count),
             ``"sum"`` or ``"none"`` ((B,) per group).
@@ -299,8 +314,8 @@ def batch_loss(
 
     Raises:
         ValueError: For an unknown or unpaired loss, a loss that sorts across the batch on
-            groups (or on tied pairs), missing lengths that the loss needs, or a bad
-            reduction.
+            groups (or on tied pairs), missing lengths that the loss needs, lengths or a
+            reference that it does not use, or a bad reduction.
         TypeError: For an option the loss does not take.
 
     References:
@@ -325,9 +340,8 @@ def batch_loss(
         raise ValueError(f"{fn}: {loss!r} needs unpaired data, not groups or pairs")
     options = found.options(options, fn=fn)
     xp = get_namespace(logps, ref_logps, rewards, mask, lengths, xp=xp)
+    check_taken(fn, found, ref_logps, lengths)
     if found.layout == "group":
-        if ref_logps is not None:
-            lengths = None  # lengths normalise the reference-free variant only
         if reduction == "mean" and found.terms is not None:  # one split, not two
             arrays = {"logps": logps, "ref_logps": ref_logps, "rewards": rewards, "mask": mask}
             per_group, kept = found.terms(
@@ -342,14 +356,12 @@ def batch_loss(
         per_group = _sorted_pairs(found, logps, ref_logps, rewards, mask, xp, options)
         counts = "all"
     else:
-        if found.lengths == "none":
-            lengths = None
-        elif lengths is not None and mask is not None:
+        if lengths is not None and mask is not None:
             lengths = xp.where(mask, lengths, 1.0)  # padding slots: any positive count
         per_group = group_pairwise_loss(
             loss,
             logps,
-            None if found.reference == "none" else ref_logps,
+            ref_logps,
             rewards,
             mask=mask,
             lengths=lengths,

@@ -12,8 +12,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -81,8 +80,10 @@ class LossSpec:
             or ``"unpaired"`` ((B,) responses marked desirable).
         reference: ``"optional"`` (a reference model's log-probs, or none) or ``"none"``
             (reference-free: the loss takes no reference).
-        lengths: Token counts the loss takes: ``"none"``, ``"optional"``, ``"required"``
-            or ``"chosen"`` (the chosen response's only, required unless its term is off).
+        lengths: Token counts the loss takes, read from its signature: ``"none"`` (no
+            lengths parameter), ``"optional"`` (default ``None``), ``"required"`` (no
+            default) or ``"chosen"`` (the chosen response's only, required unless its term
+            is off). See ``uses_lengths`` for when they are used.
         counts: Which examples a ``"mean"`` reduction averages over: ``"all"``,
             ``"split"`` (groups whose mean split has a chosen and a rejected response),
             ``"two valid"`` or ``"one valid"`` (groups with at least that many responses).
@@ -92,6 +93,9 @@ class LossSpec:
         terms: For a loss whose counting rule needs its own split (MPO), the function of
             the loss's arguments (a dict) that returns the per-group loss and the groups
             that count in one pass, so that a ``"mean"`` splits once; else ``None``.
+        inputs: The arrays of the layout that the loss function takes (``xp`` too).
+        defaults: The loss's options (keyword-only settings that are not arrays) and
+            their defaults.
     """
 
     name: str
@@ -99,10 +103,31 @@ class LossSpec:
     title: str
     layout: str
     reference: str = "optional"
-    lengths: str = "none"
     counts: str = "all"
     couples_batch: bool = False
     terms: Callable | None = None
+    # read from the function's signature when the spec is built (never under a trace)
+    lengths: str = field(init=False, compare=False)
+    inputs: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    defaults: dict[str, Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        params = inspect.signature(self.fn).parameters
+        counts = params.get("lengths") or params.get("chosen_lengths")
+        if counts is None:
+            lengths = "none"
+        elif self.layout == "pair" and "rejected_lengths" not in params:
+            lengths = "chosen"
+        else:
+            lengths = "required" if counts.default is inspect.Parameter.empty else "optional"
+        inputs = (*(name for name in INPUTS[self.layout] if name in params), "xp")
+        defaults = {
+            p.name: p.default
+            for p in params.values()
+            if p.kind is p.KEYWORD_ONLY and p.name != "xp" and p.name not in INPUTS[self.layout]
+        }
+        for name, value in (("lengths", lengths), ("inputs", inputs), ("defaults", defaults)):
+            object.__setattr__(self, name, value)  # a frozen dataclass
 
     @property
     def kind(self) -> str:
@@ -111,11 +136,14 @@ class LossSpec:
             return "reference-free" if self.reference == "none" else "pairwise"
         return self.layout
 
-    @cached_property
-    def inputs(self) -> tuple[str, ...]:
-        """The arrays of the layout that the loss function takes (``xp`` too)."""
-        params = inspect.signature(self.fn).parameters
-        return (*(name for name in INPUTS[self.layout] if name in params), "xp")
+    def uses_lengths(self, reference: bool) -> bool:
+        """Whether the loss uses token counts, with (``reference``) or without a reference.
+
+        A loss that takes lengths uses them, except a group loss with a reference: group
+        losses normalise by length only their reference-free variant, and refuse lengths
+        with a reference (``prefopt.losses.inputs.group_inputs``).
+        """
+        return self.lengths != "none" and not (reference and self.layout == "group")
 
     def takes(self, arrays: Mapping[str, Any]) -> dict[str, Any]:
         """The entries of ``arrays`` that the loss takes; a missing reference is ``None``."""
@@ -123,16 +151,6 @@ class LossSpec:
         if "ref_logps" in self.inputs:
             taken.setdefault("ref_logps", None)
         return taken
-
-    @cached_property
-    def defaults(self) -> dict[str, Any]:
-        """The loss's options (keyword-only settings that are not arrays) and defaults."""
-        params = inspect.signature(self.fn).parameters.values()
-        return {
-            p.name: p.default
-            for p in params
-            if p.kind is p.KEYWORD_ONLY and p.name != "xp" and p.name not in INPUTS[self.layout]
-        }
 
     def options(self, given: Mapping[str, Any] | None = None, *, fn: str = "") -> dict[str, Any]:
         """``given`` checked against the loss's options and completed with the defaults.
@@ -203,7 +221,7 @@ _LOSSES: dict[str, LossSpec] = dict(
         _spec("sigmoid", dpo_loss, "DPO", "pair"),
         _spec("dpo", dpo_loss, "DPO", "pair"),
         _spec("robust", robust_dpo_loss, "RobustDPO", "pair"),
-        _spec("ipo", ipo_loss, "IPO", "pair", lengths="optional"),
+        _spec("ipo", ipo_loss, "IPO", "pair"),
         _spec("hinge", hinge_loss, "Hinge", "pair"),
         _spec("exo_pair", exo_pair_loss, "EXOPair", "pair"),
         _spec("nca_pair", nca_pair_loss, "NCAPair", "pair"),
@@ -214,23 +232,16 @@ _LOSSES: dict[str, LossSpec] = dict(
         _spec("discopop", discopop_loss, "DiscoPOP", "pair"),
         _spec("aot", aot_loss, "AOT", "pair", couples_batch=True),
         _spec("aot_unpaired", aot_unpaired_loss, "AOTUnpaired", "pair", couples_batch=True),
-        _spec("sigmoid_norm", sigmoid_norm_loss, "SigmoidNorm", "pair", lengths="required"),
-        _spec("simpo", simpo_loss, "SimPO", "pair", reference="none", lengths="required"),
-        _spec("cpo", cpo_loss, "CPO", "pair", reference="none", lengths="chosen"),
-        _spec("orpo", orpo_loss, "ORPO", "pair", reference="none", lengths="required"),
+        _spec("sigmoid_norm", sigmoid_norm_loss, "SigmoidNorm", "pair"),
+        _spec("simpo", simpo_loss, "SimPO", "pair", reference="none"),
+        _spec("cpo", cpo_loss, "CPO", "pair", reference="none"),
+        _spec("orpo", orpo_loss, "ORPO", "pair", reference="none"),
         _spec("kto", kto_loss, "KTO", "unpaired"),
-        _spec("mpo", mpo_loss, "MPO", "group", lengths="optional", counts="split", terms=mpo_terms),
-        _spec("infonca", infonca_loss, "InfoNCA", "group", lengths="optional", counts="two valid"),
-        _spec("nca", nca_loss, "NCA", "group", lengths="optional", counts="one valid"),
-        _spec(
-            "plackett_luce",
-            plackett_luce_loss,
-            "PlackettLuce",
-            "group",
-            lengths="optional",
-            counts="two valid",
-        ),
-        _spec("lipo", lipo_loss, "LiPO", "group", lengths="optional", counts="split"),
+        _spec("mpo", mpo_loss, "MPO", "group", counts="split", terms=mpo_terms),
+        _spec("infonca", infonca_loss, "InfoNCA", "group", counts="two valid"),
+        _spec("nca", nca_loss, "NCA", "group", counts="one valid"),
+        _spec("plackett_luce", plackett_luce_loss, "PlackettLuce", "group", counts="two valid"),
+        _spec("lipo", lipo_loss, "LiPO", "group", counts="split"),
     ]
 )
 
