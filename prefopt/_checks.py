@@ -83,6 +83,12 @@ def compute_dtype(xp: ModuleType, *arrays: Array | None):
 
 
 @functools.cache
+def compute_dtype_of(xp: ModuleType, dtype):
+    """The compute dtype of arrays that all have ``dtype``; ``None`` unless it is a float."""
+    return _compute_dtype(xp, dtype) if is_floating(dtype, xp) else None
+
+
+@functools.cache
 def _compute_dtype(xp: ModuleType, *dtypes):
     dtype = xp.result_type(*dtypes)
     return xp.float32 if xp.finfo(dtype).bits < 32 else dtype

@@ -55,6 +55,32 @@ def test_dpo_module():
     assert "beta=0.3" in repr(DPOLoss(beta=0.3))
 
 
+class Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every op that runs, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_plain_dpo_runs_its_formula_and_no_more_kernels_than_hand_written_code():
+    # The eager cost of a small loss is its kernels: plain DPO (and DPOLoss's mean) runs
+    # the formula's subtractions, one product, one softplus, nothing to check or cast.
+    leaf, *rest = pair_batch()
+    leaf.requires_grad_(True)
+    with Ops() as ours:
+        DPOLoss(beta=0.3)(leaf, *rest).backward()
+    with Ops() as native:
+        cw, cl, rw, rl = leaf, *rest
+        (-torch.nn.functional.logsigmoid(0.3 * ((cw - rw) - (cl - rl)))).mean().backward()
+    assert ours.names[:6] == ["sub", "sub", "sub", "mul", "softplus", "mean"]
+    assert len(ours.names) < len(native.names), (ours.names, native.names)
+
+
 def test_base_class_needs_a_loss():
     from prefopt.backends.torch import PreferenceLoss
 

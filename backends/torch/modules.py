@@ -54,6 +54,7 @@ class PreferenceLoss(torch.nn.Module):
         self.config = self.spec.config(options, fn=name)
         self.reduction = reduction
         self.options = options  # as given: what print(module) shows
+        self._keywords = {**options, "xp": torch_xp}  # of every call
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -77,19 +78,20 @@ class PreferenceLoss(torch.nn.Module):
         """
         found = self.spec
         if found.counts == "all" or self.reduction != "mean":
-            return self.reduce(found.fn(*arrays, **inputs, **self.options, xp=torch_xp))
+            loss = found.fn(*arrays, **inputs, **self._keywords)
+            if self.reduction == "mean" and loss.shape[0]:  # the common case: a native mean
+                return loss.mean()
+            return reduce(loss, self.reduction, None, xp=torch_xp)
         bound = {**dict(zip(POSITIONAL[found.layout], arrays)), **inputs}
         if found.terms is not None:  # the loss and the groups that count: one split, not two
             args = {"ref_logps": None, **bound, **self.config.options, "xp": torch_xp}
             loss, kept = found.terms(found.fn.__name__, args)
             return reduce(loss, self.reduction, kept, xp=torch_xp)
-        loss = found.fn(*arrays, **inputs, **self.options, xp=torch_xp)
+        loss = found.fn(*arrays, **inputs, **self._keywords)
         return self.reduce(loss, bound.get("rewards"), bound.get("mask"), bound.get("chosen"))
 
     def reduce(self, loss, rewards=None, mask=None, chosen=None) -> torch.Tensor:
         """Reduce per-example losses as ``reduction`` says (see the class docstring)."""
-        if self.reduction == "mean" and self.spec.counts == "all" and loss.shape[0]:
-            return loss.mean()  # the common case, natively: prefopt's reduce() gives the same
         kept = None
         if self.reduction == "mean" and self.spec.counts != "all":
             kept = counted(self.spec.counts, rewards, mask, chosen, xp=torch_xp)

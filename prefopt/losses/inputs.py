@@ -33,10 +33,7 @@ WEIGHTINGS = ("abs", "signed", "squared", "none")
 
 def arguments(loss, *values: Any) -> dict[str, Any]:
     """The arguments of a call of ``loss`` by name: ``values`` in its signature's order."""
-    names = _parameters(loss)
-    if len(values) != len(names):  # a loss passes every parameter, in order
-        raise TypeError(f"{loss.__name__}: {len(values)} values for {len(names)} parameters")
-    return dict(zip(names, values))
+    return dict(zip(_parameters(loss), values, strict=True))  # every parameter, in order
 
 
 def bound(fn, args) -> tuple[str, Mapping[str, Any]]:
@@ -101,7 +98,7 @@ def check_options(fn: str, args: Mapping[str, Any]) -> None:
     ``label_smoothing < 0.5``...). A numeric option given as an array is checked where its
     value can be read (see ``_checks.option``).
     """
-    for name, rule, numeric in _rules(fn, tuple(args)):
+    for name, rule, numeric in _rules(fn, tuple(args))[0]:
         value = args[name]
         if type(value) in _PLAIN:  # a number or a string: checked once per value
             _checked_plain(fn, name, value, rule)
@@ -120,15 +117,31 @@ def numeric_options(fn: str, args: Mapping[str, Any], dtype, xp: ModuleType) -> 
     return out
 
 
+def checked_options(fn: str, args: Mapping[str, Any], dtype, xp: ModuleType) -> dict[str, Any]:
+    """``check_options`` then ``numeric_options``: the options checked, the numbers returned.
+
+    Options that are all plain numbers and strings (the common case) are checked and
+    converted once per set of values, which keeps the eager hot path short.
+    """
+    rules, names = _rules(fn, tuple(args))
+    values = tuple(map(args.__getitem__, names))
+    if _PLAIN.issuperset(map(type, values)):
+        return dict(_plain_options(fn, rules, values))
+    check_options(fn, args)
+    return numeric_options(fn, args, dtype, xp)
+
+
 # Eager calls are a hot path: the rules that apply to a loss's arguments, and the check of a
 # plain value, are memoised (functools caches, which torch.compile traces through).
-_PLAIN = (float, int, str)
+_PLAIN = frozenset((float, int, str))
 
 
 @functools.cache
-def _rules(fn: str, names: tuple[str, ...]) -> tuple:
+def _rules(fn: str, names: tuple[str, ...]) -> tuple[tuple, tuple[str, ...]]:
+    """The options among ``names`` that have a rule: ``((name, rule, numeric), ...)``, names."""
     rules = {**_OPTION_CHECKS, **_NARROWER.get(fn, {})}
-    return tuple((name, rules[name], name in NUMERIC) for name in names if name in rules)
+    found = tuple((name, rules[name], name in NUMERIC) for name in names if name in rules)
+    return found, tuple(name for name, _, _ in found)
 
 
 @functools.cache
@@ -139,6 +152,17 @@ def _numeric(names: tuple[str, ...]) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=4096)
 def _checked_plain(fn: str, name: str, value: float | int | str, rule) -> None:
     rule(fn, name, value)  # raises for a bad value; a good one is remembered
+
+
+@functools.lru_cache(maxsize=4096, typed=True)
+def _plain_options(fn: str, rules: tuple, values: tuple) -> dict[str, float]:
+    """The numeric options among plain ``values``, checked by ``rules``, as floats."""
+    out = {}
+    for (name, rule, numeric), value in zip(rules, values):
+        rule(fn, name, value)  # raises for a bad value; a good set is remembered
+        if numeric:
+            out[name] = float(value)
+    return out
 
 
 # ---- pairs: (B,) chosen and rejected ------------------------------------------------------
@@ -168,7 +192,6 @@ def pair_inputs(fn, args, *, squared: bool = False) -> Pair:
             f-divergence exponent is clipped where that square would overflow.
     """
     fn, args = bound(fn, args)
-    check_options(fn, args)
     arrays = pair_arrays(
         fn,
         args["chosen_logps"],
@@ -180,7 +203,7 @@ def pair_inputs(fn, args, *, squared: bool = False) -> Pair:
     xp, hw, hl, rw, rl = arrays
     if rw is not None:
         hw, hl = hw - rw, hl - rl
-    options = numeric_options(fn, args, hw.dtype, xp)
+    options = checked_options(fn, args, hw.dtype, xp)
     f_divergence = args.get("f_divergence", "reverse_kl")
     if f_divergence != "reverse_kl":
         f_alpha = options["f_alpha"]
@@ -219,30 +242,26 @@ def pair_arrays(
     both_or_neither(
         fn, "ref_chosen_logps", ref_chosen_logps, "ref_rejected_logps", ref_rejected_logps
     )
-    given = [chosen_logps, rejected_logps]
+    given = (chosen_logps, rejected_logps)
     if ref_chosen_logps is not None:
-        given += [ref_chosen_logps, ref_rejected_logps]
+        given += (ref_chosen_logps, ref_rejected_logps)
     first = given[0]
     shape, dtype = first.shape, first.dtype
-    # The common case, one shape and one dtype, in a few comparisons (a hot path in eager
-    # PyTorch); anything else goes through the checks that name the argument.
-    uniform = first.ndim == 1
-    for x in given:
+    # The common case, one shape and one float dtype that needs no cast, in a few
+    # comparisons (a hot path in eager PyTorch); anything else goes through the checks that
+    # name the argument.
+    uniform = len(shape) == 1
+    for x in given[1:]:
         uniform = uniform and x.shape == shape and x.dtype == dtype
-    if not uniform:
-        names = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
-        arrays = dict(
-            zip(names, (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps))
-        )
-        _checks.same_shape(fn, "B", arrays)
-        for name, x in arrays.items():
-            if x is not None:
-                _checks.floating(fn, name, x, xp)
-    else:
-        _checks.floating(fn, "chosen_logps", first, xp)
-    dtype = _checks.compute_dtype(xp, *given)
-    if uniform and first.dtype == dtype:  # nothing to cast
+    if uniform and _checks.compute_dtype_of(xp, dtype) == dtype:
         return xp, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
+    names = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+    arrays = dict(zip(names, (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)))
+    _checks.same_shape(fn, "B", arrays)
+    for name, x in arrays.items():
+        if x is not None:
+            _checks.floating(fn, name, x, xp)
+    dtype = _checks.compute_dtype(xp, *given)
     return (
         xp,
         _checks.cast(chosen_logps, dtype, xp),
@@ -363,7 +382,6 @@ def group_inputs(fn, args) -> Group:
     for them, as for any group without a valid response.
     """
     fn, args = bound(fn, args)
-    check_options(fn, args)
     check_values, chosen = args.get("check_values"), args.get("chosen")
     xp, logps, ref_logps, rewards, mask, lengths = group_arrays(
         fn,
@@ -375,6 +393,7 @@ def group_inputs(fn, args) -> Group:
         chosen,
         args.get("xp"),
     )
+    options = checked_options(fn, args, logps.dtype, xp)
     if logps.shape[-1] == 0:  # no response at all: one padding slot, so no empty reduction
         xp, logps, ref_logps, rewards, mask, lengths, chosen = _one_slot(
             xp, logps, ref_logps, rewards, lengths, chosen
@@ -394,7 +413,6 @@ def group_inputs(fn, args) -> Group:
         h = h - (ref_logps if mask is None else xp.where(mask, ref_logps, 0.0))
     if lengths is not None:
         h = h / (lengths if mask is None else xp.where(mask, lengths, 1.0))
-    options = numeric_options(fn, args, h.dtype, xp)
     beta = options["beta"]
     r = group_rewards(fn, rewards, mask, xp, check_values, h.dtype)
     return Group(xp, beta * h, *r, beta, chosen, options)
@@ -530,11 +548,10 @@ class Unpaired(NamedTuple):
 def unpaired_inputs(fn, args) -> Unpaired:
     """Check an unpaired loss's arguments (see ``pair_inputs``); return ``Unpaired``."""
     fn, args = bound(fn, args)
-    check_options(fn, args)
     logps, ref_logps = args["logps"], args["ref_logps"]
     xp = get_namespace(logps, ref_logps, args.get("desirable"), xp=args.get("xp"), fn=fn)
     h = log_ratios(fn, logps, ref_logps, xp)
-    options = numeric_options(fn, {"beta": 1.0, **args}, h.dtype, xp)
+    options = checked_options(fn, {"beta": 1.0, **args}, h.dtype, xp)
     return Unpaired(xp, h, options["beta"], options)
 
 

@@ -18,11 +18,16 @@ from prefopt.losses.inputs import (
 __all__ = ["F_DIVERGENCES"]  # re-exported for the docs of f_divergence
 
 
-def smoothed_sigmoid_loss(z: Array, label_smoothing: float, xp: ModuleType) -> Array:
-    r"""$-(1-\varepsilon)\log\sigma(z) - \varepsilon\log\sigma(-z)$, the cDPO loss of a margin."""
-    loss = softplus(-z, xp=xp)  # -log(sigmoid(z)): +0.0, never -0.0, for a saturated margin
+def smoothed_sigmoid_loss(minus_z: Array, label_smoothing: float, xp: ModuleType) -> Array:
+    r"""$-(1-\varepsilon)\log\sigma(z) - \varepsilon\log\sigma(-z)$, the cDPO loss of a margin.
+
+    Takes $-z$: a caller writes $\beta(h_l - h_w)$, which is $-\beta(h_w - h_l)$ to the last
+    bit (a difference and a product only change sign when their operands do), so the plain
+    loss is one kernel with no negation before it.
+    """
+    loss = softplus(minus_z, xp=xp)  # -log(sigmoid(z)): +0.0, never -0.0, when it saturates
     if not isinstance(label_smoothing, (int, float)) or label_smoothing:  # an array: always
-        loss = (1.0 - label_smoothing) * loss + label_smoothing * softplus(z, xp=xp)
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * softplus(-minus_z, xp=xp)
     return loss
 
 
@@ -91,7 +96,7 @@ def dpo_loss(
     """
     p = pair_inputs(dpo_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
         ref_rejected_logps, beta, label_smoothing, f_divergence, f_alpha, xp))  # fmt: skip
-    return smoothed_sigmoid_loss(p.beta * (p.hw - p.hl), p.options["label_smoothing"], p.xp)
+    return smoothed_sigmoid_loss(p.beta * (p.hl - p.hw), p.options["label_smoothing"], p.xp)
 
 
 def robust_dpo_loss(
@@ -660,7 +665,7 @@ def aot_unpaired_loss(
     p = pair_inputs(aot_unpaired_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
         ref_rejected_logps, beta, label_smoothing, f_divergence, f_alpha, xp))  # fmt: skip
     return smoothed_sigmoid_loss(
-        p.beta * (p.xp.sort(p.hw) - p.xp.sort(p.hl)), p.options["label_smoothing"], p.xp
+        p.beta * (p.xp.sort(p.hl) - p.xp.sort(p.hw)), p.options["label_smoothing"], p.xp
     )
 
 
@@ -766,4 +771,4 @@ def aot_loss(
     )
     gap = xp.sort(cw - cl) if rw is None else xp.sort(cw - cl) - xp.sort(rw - rl)
     o = numeric_options(fn, {"beta": beta, "label_smoothing": label_smoothing}, gap.dtype, xp)
-    return smoothed_sigmoid_loss(o["beta"] * gap, o["label_smoothing"], xp)
+    return smoothed_sigmoid_loss(-(o["beta"] * gap), o["label_smoothing"], xp)

@@ -53,8 +53,8 @@ def simpo_loss(
     """
     p = pair_inputs(simpo_loss, (chosen_logps, rejected_logps, chosen_lengths,
         rejected_lengths, beta, gamma, label_smoothing, xp))  # fmt: skip
-    z = p.beta * (p.hw / p.lw - p.hl / p.ll) - p.options["gamma"]
-    return smoothed_sigmoid_loss(z, p.options["label_smoothing"], p.xp)
+    minus_z = p.options["gamma"] - p.beta * (p.hw / p.lw - p.hl / p.ll)
+    return smoothed_sigmoid_loss(minus_z, p.options["label_smoothing"], p.xp)
 
 
 def cpo_loss(
@@ -100,7 +100,7 @@ def cpo_loss(
     """
     p = pair_inputs(cpo_loss, (chosen_logps, rejected_logps, chosen_lengths, beta,
         cpo_alpha, label_smoothing, xp))  # fmt: skip
-    loss = smoothed_sigmoid_loss(p.beta * (p.hw - p.hl), p.options["label_smoothing"], p.xp)
+    loss = smoothed_sigmoid_loss(p.beta * (p.hl - p.hw), p.options["label_smoothing"], p.xp)
     weight = p.options["cpo_alpha"]
     if isinstance(weight, float) and weight == 0.0:  # an array weight: the term stays
         return loss
