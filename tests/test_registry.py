@@ -76,10 +76,10 @@ def test_spec_agrees_with_the_function_signature(name):
 
     found = SPECS[name]
     params = inspect.signature(found.fn).parameters
-    assert ("ref_chosen_logps" in params or "ref_logps" in params) == (found.reference != "none")
-    # `lengths` is read from the signature; the table is what each paper's loss takes
-    default = "optional" if found.layout == "group" else "none"
-    assert found.lengths == EXPECTED_LENGTHS.get(name, default)
+    # `reference` and `lengths` are read from the signature; the expectations are the papers'
+    assert found.reference == ("none" if name in ("simpo", "cpo", "orpo") else "optional")
+    usual = "optional" if found.layout == "group" else "none"
+    assert found.lengths == EXPECTED_LENGTHS.get(name, usual)
     for option, default in found.defaults.items():
         assert params[option].kind is params[option].KEYWORD_ONLY
         assert params[option].default == default

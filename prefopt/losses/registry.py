@@ -79,7 +79,7 @@ class LossSpec:
         layout: ``"pair"`` ((B,) chosen and rejected), ``"group"`` ((B, n) with rewards)
             or ``"unpaired"`` ((B,) responses marked desirable).
         reference: ``"optional"`` (a reference model's log-probs, or none) or ``"none"``
-            (reference-free: the loss takes no reference).
+            (reference-free: the loss takes no reference), read from its signature.
         lengths: Token counts the loss takes, read from its signature: ``"none"`` (no
             lengths parameter), ``"optional"`` (default ``None``), ``"required"`` (no
             default) or ``"chosen"`` (the chosen response's only, required unless its term
@@ -102,17 +102,18 @@ class LossSpec:
     fn: Callable
     title: str
     layout: str
-    reference: str = "optional"
     counts: str = "all"
     couples_batch: bool = False
     terms: Callable | None = None
     # read from the function's signature when the spec is built (never under a trace)
+    reference: str = field(init=False, compare=False)
     lengths: str = field(init=False, compare=False)
     inputs: tuple[str, ...] = field(init=False, repr=False, compare=False)
     defaults: dict[str, Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         params = inspect.signature(self.fn).parameters
+        reference = "optional" if {"ref_logps", "ref_chosen_logps"} & set(params) else "none"
         counts = params.get("lengths") or params.get("chosen_lengths")
         if counts is None:
             lengths = "none"
@@ -126,7 +127,13 @@ class LossSpec:
             for p in params.values()
             if p.kind is p.KEYWORD_ONLY and p.name != "xp" and p.name not in INPUTS[self.layout]
         }
-        for name, value in (("lengths", lengths), ("inputs", inputs), ("defaults", defaults)):
+        derived = {
+            "reference": reference,
+            "lengths": lengths,
+            "inputs": inputs,
+            "defaults": defaults,
+        }
+        for name, value in derived.items():
             object.__setattr__(self, name, value)  # a frozen dataclass
 
     @property
@@ -233,9 +240,9 @@ _LOSSES: dict[str, LossSpec] = dict(
         _spec("aot", aot_loss, "AOT", "pair", couples_batch=True),
         _spec("aot_unpaired", aot_unpaired_loss, "AOTUnpaired", "pair", couples_batch=True),
         _spec("sigmoid_norm", sigmoid_norm_loss, "SigmoidNorm", "pair"),
-        _spec("simpo", simpo_loss, "SimPO", "pair", reference="none"),
-        _spec("cpo", cpo_loss, "CPO", "pair", reference="none"),
-        _spec("orpo", orpo_loss, "ORPO", "pair", reference="none"),
+        _spec("simpo", simpo_loss, "SimPO", "pair"),
+        _spec("cpo", cpo_loss, "CPO", "pair"),
+        _spec("orpo", orpo_loss, "ORPO", "pair"),
         _spec("kto", kto_loss, "KTO", "unpaired"),
         _spec("mpo", mpo_loss, "MPO", "group", counts="split", terms=mpo_terms),
         _spec("infonca", infonca_loss, "InfoNCA", "group", counts="two valid"),
