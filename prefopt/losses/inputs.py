@@ -2,7 +2,7 @@
 
 Each loss opens with one call, ``pair_inputs(loss, (its parameters' values))``,
 ``group_inputs(...)`` or ``unpaired_inputs(...)``: the values are named by the loss's own
-signature (read once, ``arguments``), so no loss restates its parameter names; the call
+signature (read once, ``bound``), so no loss restates its parameter names; the call
 checks shapes, dtypes and options, and returns a small named structure: the namespace, the
 log-ratios (or scores) in the compute dtype, and the checked options. The loss's body is
 then its formula. The values are passed positionally, which ``torch.compile(fullgraph=True)``
@@ -31,19 +31,14 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 WEIGHTINGS = ("abs", "signed", "squared", "none")
 
 
-def arguments(loss, *values: Any) -> dict[str, Any]:
-    """The arguments of a call of ``loss`` by name: ``values`` in its signature's order."""
-    return dict(zip(_parameters(loss), values, strict=True))  # every parameter, in order
-
-
 def bound(fn, args) -> tuple[str, Mapping[str, Any]]:
     """``(name, arguments)`` of a loss's call, named by the loss's signature.
 
     ``fn`` is the loss and ``args`` its values in order, or already its name and a dict of
     its arguments (the modules, the metrics).
     """
-    if callable(fn):
-        return fn.__name__, arguments(fn, *args)
+    if callable(fn):  # a loss passes every parameter, in order
+        return fn.__name__, dict(zip(_parameters(fn), args, strict=True))
     return fn, args
 
 
@@ -99,13 +94,10 @@ def check_options(fn: str, args: Mapping[str, Any]) -> None:
     value can be read (see ``_checks.option``).
     """
     for name, rule, numeric in _rules(fn, tuple(args))[0]:
-        value = args[name]
-        if type(value) in _PLAIN:  # a number or a string: checked once per value
-            _checked_plain(fn, name, value, rule)
-        elif numeric:
-            _checks.option(fn, name, value, rule)
+        if numeric:
+            _checks.option(fn, name, args[name], rule)
         else:
-            rule(fn, name, value)
+            rule(fn, name, args[name])
 
 
 def numeric_options(fn: str, args: Mapping[str, Any], dtype, xp: ModuleType) -> dict[str, Any]:
@@ -132,7 +124,7 @@ def checked_options(fn: str, args: Mapping[str, Any], dtype, xp: ModuleType) -> 
 
 
 # Eager calls are a hot path: the rules that apply to a loss's arguments, and the check of a
-# plain value, are memoised (functools caches, which torch.compile traces through).
+# set of plain values, are memoised (functools caches, which torch.compile traces through).
 _PLAIN = frozenset((float, int, str))
 
 
@@ -147,11 +139,6 @@ def _rules(fn: str, names: tuple[str, ...]) -> tuple[tuple, tuple[str, ...]]:
 @functools.cache
 def _numeric(names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(name for name in names if name in NUMERIC)
-
-
-@functools.lru_cache(maxsize=4096)
-def _checked_plain(fn: str, name: str, value: float | int | str, rule) -> None:
-    rule(fn, name, value)  # raises for a bad value; a good one is remembered
 
 
 @functools.lru_cache(maxsize=4096, typed=True)

@@ -6,14 +6,7 @@ import math
 from types import ModuleType
 
 from prefopt._ops import Array, log_sigmoid, sigmoid, softplus
-from prefopt.losses.inputs import (
-    F_DIVERGENCES,
-    arguments,
-    check_options,
-    numeric_options,
-    pair_arrays,
-    pair_inputs,
-)
+from prefopt.losses.inputs import F_DIVERGENCES, bound, checked_options, pair_arrays, pair_inputs
 
 __all__ = ["F_DIVERGENCES"]  # re-exported for the docs of f_divergence
 
@@ -763,12 +756,11 @@ def aot_loss(
         Melnyk et al., "Distributional Preference Alignment of LLMs via Optimal
         Transport", NeurIPS 2024, arXiv:2406.05882.
     """
-    fn = "aot_loss"
-    check_options(fn, arguments(aot_loss, chosen_logps, rejected_logps,
-        ref_chosen_logps, ref_rejected_logps, beta, label_smoothing, xp))  # fmt: skip
+    fn, args = bound(aot_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
+        ref_rejected_logps, beta, label_smoothing, xp))  # fmt: skip
     xp, cw, cl, rw, rl = pair_arrays(
         fn, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp
     )
+    o = checked_options(fn, args, cw.dtype, xp)
     gap = xp.sort(cw - cl) if rw is None else xp.sort(cw - cl) - xp.sort(rw - rl)
-    o = numeric_options(fn, {"beta": beta, "label_smoothing": label_smoothing}, gap.dtype, xp)
     return smoothed_sigmoid_loss(-(o["beta"] * gap), o["label_smoothing"], xp)

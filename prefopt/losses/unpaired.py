@@ -6,7 +6,7 @@ from types import ModuleType
 
 from prefopt import _checks
 from prefopt._ops import Array, get_namespace, masked_mean, sigmoid, stop_gradient
-from prefopt.losses.inputs import arguments, log_ratios, unpaired_inputs
+from prefopt.losses.inputs import log_ratios, unpaired_inputs
 
 
 def kto_kl(
@@ -100,8 +100,8 @@ def kto_loss(
         ICML 2024, arXiv:2402.01306.
     """
     fn = "kto_loss"
-    u = unpaired_inputs(fn, arguments(kto_loss, logps, ref_logps, desirable, kl, beta,
-        desirable_weight, undesirable_weight, xp))  # fmt: skip
+    u = unpaired_inputs(kto_loss, (logps, ref_logps, desirable, kl, beta, desirable_weight,
+        undesirable_weight, xp))  # fmt: skip
     _checks.same_shape(fn, "B", {"logps": logps, "desirable": desirable})
     _checks.boolean(fn, "desirable", desirable, u.xp)
     xp, h = u.xp, u.ratios
