@@ -103,7 +103,12 @@ def group_metrics(
       $r_i \ne r_j$ whose implicit rewards are ordered like their rewards, pooled over the
       batch;
     - ``logps/chosen``, ``logps/rejected``: the same means of the policy log-probs;
-    - ``groups/degenerate``: the number of groups left out (empty $Y^+$ or $Y^-$).
+    - ``groups/degenerate``: the share of the batch's groups left out (empty $Y^+$ or
+      $Y^-$), a fraction as TRL's ``frac_reward_zero_std``.
+
+    Where no group counts (every group degenerate), the means are NaN, not 0: a 0.0 would
+    read as a log-prob of 0 or a margin of 0. The trainers leave NaN values out of their
+    averages and logs.
 
     On pairs these are TRL's ``DPOTrainer`` metrics of the same names.
 
@@ -119,7 +124,7 @@ def group_metrics(
         xp: The array namespace, if known.
 
     Returns:
-        A dict from metric name to a 0-d array; means over no group are 0.
+        A dict from metric name to a 0-d array; means over no group are NaN.
 
     References:
         Gupta et al., "Multi-Preference Optimization", arXiv:2412.04628.
@@ -162,12 +167,20 @@ def group_metrics(
     def over_groups(x: Array, selected: Array) -> Array:
         return masked_mean(masked_mean(x, selected, axis=-1, xp=xp), counted, xp=xp)
 
+    some = xp.any(counted)
+    nan = xp.full((), xp.nan, dtype=s.dtype)
+
+    def none_is_nan(x: Array) -> Array:  # a mean over no group: NaN, never a 0 that reads as data
+        return xp.where(some, x, nan)
+
     return {
-        "rewards/chosen": mean_chosen,
-        "rewards/rejected": mean_rejected,
-        "rewards/margins": mean_chosen - mean_rejected,
-        "rewards/accuracies": xp.sum(xp.astype(right, s.dtype)) / xp.clip(count, min=1.0),
-        "logps/chosen": over_groups(lp, groups.chosen),
-        "logps/rejected": over_groups(lp, groups.rejected),
-        "groups/degenerate": xp.sum(xp.astype(~counted, s.dtype)),
+        "rewards/chosen": none_is_nan(mean_chosen),
+        "rewards/rejected": none_is_nan(mean_rejected),
+        "rewards/margins": none_is_nan(mean_chosen - mean_rejected),
+        "rewards/accuracies": xp.where(
+            xp.any(pairs), xp.sum(xp.astype(right, s.dtype)) / xp.clip(count, min=1.0), nan
+        ),
+        "logps/chosen": none_is_nan(over_groups(lp, groups.chosen)),
+        "logps/rejected": none_is_nan(over_groups(lp, groups.rejected)),
+        "groups/degenerate": xp.mean(xp.astype(~counted, s.dtype)),
     }

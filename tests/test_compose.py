@@ -252,11 +252,26 @@ def test_group_metrics(backend, rng):
         "rewards/accuracies": right / total,
         "logps/chosen": np.mean(chosen_logps),
         "logps/rejected": np.mean(rejected_logps),
-        "groups/degenerate": skipped,
+        "groups/degenerate": skipped / len(MASK),  # a fraction, as TRL's frac_reward_zero_std
     }
     assert set(m) == set(expected)
     for k, v in expected.items():
         assert_close(backend.to_numpy(m[k]), v)
+
+
+def test_group_metrics_over_no_group_are_nan_not_zero(backend):
+    # every group degenerate: a 0.0 would read as a log-prob of 0 or a margin of 0
+    xp = backend.xp
+    logps = backend.asarray([[-3.0, -5.0], [-2.0, -4.0]])
+    rewards = backend.asarray([[1.0, 1.0], [0.0, 0.0]])
+    m = group_metrics(logps, logps - 1.0, rewards)
+    for key in ("rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+        assert np.isnan(backend.to_numpy(m[key])), key
+    assert backend.to_numpy(m["groups/degenerate"]) == 1.0
+    half = group_metrics(logps, logps - 1.0, backend.asarray([[1.0, 0.0], [0.0, 0.0]]))
+    assert backend.to_numpy(half["groups/degenerate"]) == 0.5  # a fraction of the groups
+    assert backend.to_numpy(half["logps/chosen"]) == -3.0
+    assert xp.isdtype(m["logps/chosen"].dtype, "real floating")
 
 
 def test_metrics_carry_no_gradient(rng):

@@ -84,7 +84,7 @@ class PreferenceTrainer(transformers.Trainer):
         if args is None:
             args = PreferenceConfig(output_dir="prefopt-output")
         self.settings = settings = trainer_settings(args)
-        if ref_model is not None and ref_model is model:
+        if ref_model is not None and ref_model is model and not isinstance(model, str):
             raise ValueError(
                 f"{where}: ref_model is the policy itself; pass ref_model=None for a frozen "
                 "copy of the policy, or another model"
@@ -262,8 +262,10 @@ class PreferenceTrainer(transformers.Trainer):
         prefix = "eval_" if mode == "eval" else ""
         if self._metrics[mode]:
             values = self.accelerator.gather(torch.stack(self._metrics[mode]))
-            for key, value in zip(self._names, values[:, :-1].mean(0).tolist()):
-                logs[prefix + key] = value
+            # a step whose groups were all degenerate has no mean (NaN): left out, not 0
+            for key, value in zip(self._names, values[:, :-1].nanmean(0).tolist()):
+                if value == value:
+                    logs[prefix + key] = value
             if mode == "train":
                 self._tokens += int(values[:, -1].sum())
         if mode == "train":
