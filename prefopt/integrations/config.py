@@ -6,6 +6,7 @@ import dataclasses
 import warnings
 from typing import Any
 
+import torch
 import transformers
 
 from prefopt import _checks
@@ -45,8 +46,10 @@ class PreferenceConfig(transformers.TrainingArguments):
             before training and free the reference model. Default ``False``.
         precompute_ref_batch_size: Rows per reference forward when precomputing.
             Default ``None``: ``per_device_train_batch_size``.
-        model_init_kwargs: Keyword arguments of ``from_pretrained`` when ``model`` is a
-            path. Default ``None``.
+        model_init_kwargs: Keyword arguments of ``from_pretrained`` when ``model`` (or
+            ``ref_model``) is a path. Default ``None``: ``dtype`` float32, as TRL's trainers
+            load a path (``from_pretrained`` alone would take the checkpoint's dtype, often
+            bfloat16); pass ``{"dtype": "auto"}`` for the checkpoint's.
         share_prefix: Run each group's prompt once (see
             [`batch_logps`][prefopt.integrations.transformers.batch_logps]). Default ``True``.
         fused: Log-probs without the logits tensor. Default ``True``.
@@ -253,6 +256,7 @@ def trainer_settings(args: Any) -> TrainerSettings:
         precompute=bool(get("precompute_ref_log_probs", False)),
         precompute_batch_size=get("precompute_ref_batch_size"),
         model_init_kwargs={
+            "dtype": torch.float32,  # as TRL's trainers: not the checkpoint's, unless asked
             **({"trust_remote_code": True} if get("trust_remote_code") else {}),
             **(get("model_init_kwargs") or {}),
         },

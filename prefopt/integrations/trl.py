@@ -16,10 +16,9 @@ import warnings
 from typing import Any
 
 import torch
-import transformers
 import trl
 from trl.models import prepare_deepspeed, prepare_fsdp
-from trl.trainer.utils import split_tensor_dict
+from trl.trainer.utils import create_model_from_path, split_tensor_dict
 
 from prefopt.integrations.collator import PreferenceCollator
 from prefopt.integrations.forward import _is_peft, loss_and_metrics
@@ -118,9 +117,12 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
                     f"set num_generations=2 (got {n})"
                 )
             if per_device % n:
+                fit = -(-per_device // n) * n
                 raise ValueError(
                     f"{WHERE}: per_device_train_batch_size ({per_device}) must be a multiple of "
-                    f"num_generations ({n}), so that a micro-batch holds whole groups"
+                    f"num_generations ({n}), so that a micro-batch holds whole groups: set "
+                    f"per_device_train_batch_size={fit} (with gradient_accumulation_steps to "
+                    "keep the memory), or a num_generations that divides it"
                 )
         if (
             len(positional) < 3  # processing_class: after train_dataset and eval_dataset
@@ -138,9 +140,10 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
         reference = None
         beta = getattr(args, "beta", 0.0)
         if beta == 0.0 and kwargs.get("peft_config") is None and not _is_peft(model):
-            if isinstance(model, str):
+            if isinstance(model, str):  # loaded as GRPOTrainer loads the policy: same dtype
                 init = dict(getattr(args, "model_init_kwargs", None) or {})
-                reference = transformers.AutoModelForCausalLM.from_pretrained(model, **init)
+                init.setdefault("trust_remote_code", getattr(args, "trust_remote_code", False))
+                reference = create_model_from_path(model, **init)
             else:
                 reference = copy.deepcopy(model)
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
@@ -234,8 +237,10 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
             )
         mode = "train" if self.model.training else "eval"
         values = torch.stack([metrics[k].detach().float() for k in sorted(metrics)])
-        for key, value in zip(sorted(metrics), self.accelerator.gather(values[None]).mean(0)):
-            self._metrics[mode][key].append(float(value))
+        gathered = self.accelerator.gather(values[None]).nanmean(0)
+        for key, value in zip(sorted(metrics), gathered.tolist()):
+            if value == value:  # NaN: no group counted here, so no mean (never logged as 0)
+                self._metrics[mode][key].append(value)
         if mode == "train":
             loss = loss / self.current_gradient_accumulation_steps  # as GRPO's own loss
         return loss
