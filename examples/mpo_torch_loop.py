@@ -27,6 +27,7 @@ def main():
     tokenizer = builtin_tokenizer()
     policy = builtin_model(tokenizer, seed=0)
     reference = copy.deepcopy(policy).requires_grad_(False)  # the frozen starting policy
+    # the tiny random model's rate; a pretrained model needs about 1e-5 (docs: prefopt train)
     optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3)
     prompts, _ = copy_task_prompts()
     picker = random.Random(0)

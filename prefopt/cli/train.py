@@ -14,13 +14,15 @@ import copy
 import json
 import math
 import random
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from prefopt.cli.config import Config
+from prefopt.cli import models
+from prefopt.cli.config import BY_MODEL, Config
 from prefopt.cli.reward import (
     RewardError,
     RewardModel,
@@ -29,9 +31,13 @@ from prefopt.cli.reward import (
     load_reward,
     read_prompts,
 )
-from prefopt.cli.task import builtin_model, builtin_tokenizer, copy_task_prompts, copy_task_reward
+from prefopt.cli.task import addition_prompts, addition_reward, copy_task_prompts, copy_task_reward
 from prefopt.integrations.data import preference_row
-from prefopt.integrations.transformers import PreferenceCollator, loss_and_metrics
+from prefopt.integrations.transformers import (
+    PreferenceCollator,
+    loss_and_metrics,
+    reference_logps,
+)
 from prefopt.losses.registry import spec
 
 __all__ = ["run", "UserError"]
@@ -52,7 +58,7 @@ class Interrupted(Exception):
 
 # What --resume must find unchanged: the run's data, prompts, reward, loss and its options.
 RESUME_FIXED = (
-    "model", "data", "prompts", "reward", "reward_model", "loss", "beta", "alpha", "extra",
+    "model", "dtype", "data", "prompts", "reward", "reward_model", "loss", "beta", "alpha", "extra",
     "pairs", "no_reference",
 )  # fmt: skip
 
@@ -61,24 +67,11 @@ RESUME_FIXED = (
 
 
 def load_model(config: Config):
-    """Policy, tokenizer: the built-in ones, or a local Hugging Face checkpoint."""
-    if config.model is None:
-        tokenizer = builtin_tokenizer()
-        return builtin_model(tokenizer, config.seed), tokenizer
-    path = Path(config.model)
-    if not path.is_dir():
-        raise UserError(f"--model: no such directory: {config.model}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Policy, tokenizer, pretrained: see [`load_model`][prefopt.cli.models.load_model]."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"--model {config.model}: not a causal LM checkpoint ({first})") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+        return models.load_model(config.model, seed=config.seed, dtype=config.dtype)
+    except models.ModelError as err:
+        raise UserError(str(err)) from None
 
 
 def read_rows(path: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -115,8 +108,14 @@ def check_lengths(rows, places, collator: PreferenceCollator, max_length: int) -
             )
 
 
+def is_pretrained(config: Config) -> bool:
+    """Whether ``--model`` names a pretrained model (anything but the tiny built-in one)."""
+    return config.model not in (None, models.TINY)
+
+
 def check(config: Config) -> dict[str, Any]:
     """Reject bad options before anything is loaded; return the options the user set."""
+    config = config.resolved(is_pretrained(config))
     try:
         found = spec(config.loss, "--loss")
     except ValueError as err:
@@ -239,22 +238,40 @@ def scored(model, tokenizer, prompts: list[Any], n: int, config: Config, reward,
     return out
 
 
-def evaluate(model, tokenizer, prompts: list[Any], config: Config, step: int, reward) -> float:
-    """Mean reward of 4 sampled responses for each held-out prompt.
+def evaluate(model, tokenizer, prompts: list[Any], config: Config, step: int, reward):
+    """Mean reward of 4 sampled responses for each held-out prompt, and a few of them.
 
     Sampled with its own seed: an evaluation never changes the training that follows, so
-    a resumed run matches an uninterrupted one wherever it evaluated.
+    a resumed run matches an uninterrupted one wherever it evaluated. The few are the
+    first response to each of the first 4 prompts: ``{"step", "prompt", "response",
+    "reward"}`` rows, as ``completions.jsonl`` holds them.
     """
     with torch.random.fork_rng():
         torch.manual_seed(config.seed * 100_003 + step)
         groups = scored(model, tokenizer, prompts, 4, config, reward, "the reward (held out)")
     rewards = [r for _, _, rs in groups for r in rs]
-    return sum(rewards) / len(rewards)
+    shown = [
+        {
+            "step": step,
+            "prompt": prompt,
+            "response": tokenizer.decode(responses[0], skip_special_tokens=True),
+            "reward": values[0],
+        }
+        for prompt, (_, responses, values) in zip(prompts[:4], groups)
+    ]
+    return sum(rewards) / len(rewards), shown
 
 
-def task(config: Config, tokenizer) -> tuple[list[Any], list[Any], Any, str]:
+def task(config: Config, pretrained: bool) -> tuple[list[Any], list[Any], Any, str]:
     """Training prompts, held-out prompts, the reward function and its name."""
     try:
+        if config.prompts is None and pretrained:  # the built-in addition task
+            train, heldout = addition_prompts()
+
+            def sum_reward(prompts, responses):
+                return [addition_reward(p, r) for p, r in zip(prompts, responses)]
+
+            return train, heldout, sum_reward, "the built-in reward"
         if config.prompts is None:  # the built-in copy task
             train, heldout = copy_task_prompts(config.seed)
 
@@ -305,6 +322,10 @@ def run(config: Config) -> list[dict[str, Any]]:
         UserError: On a mistake in the options or the inputs, before it affects a step.
     """
     options = check(config)
+    pretrained = is_pretrained(config)
+    config = config.resolved(pretrained)
+    for warning in setting_warnings(config, pretrained):
+        print(f"prefopt train: warning: {warning}", file=sys.stderr)
     rows, places = read_rows(config.data) if config.data else (None, None)
     out = Path(config.output)
     if out.exists() and not out.is_dir():
@@ -320,7 +341,7 @@ def run(config: Config) -> list[dict[str, Any]]:
         )
     state = load_state(state_file, config) if config.resume else None
     torch.manual_seed(config.seed)
-    model, tokenizer = load_model(config)
+    model, tokenizer, _ = load_model(config)
     reference = None
     if not config.no_reference:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -341,9 +362,9 @@ def run(config: Config) -> list[dict[str, Any]]:
     if rows:
         check_lengths(rows, places, collator, config.max_length)
     train_prompts, heldout, reward, what = (
-        task(config, tokenizer) if rows is None else ([], [], None, "")
+        task(config, pretrained) if rows is None else ([], [], None, "")
     )
-    if config.model is None and (rows or config.prompts):
+    if not pretrained and (rows or config.prompts):
         texts = [
             r["prompt"] + "".join(r["responses"])
             for r in map(preference_row, rows or [])
@@ -354,7 +375,10 @@ def run(config: Config) -> list[dict[str, Any]]:
         )
         refuse_unknown_text(tokenizer, texts, "--data" if rows else "--prompts")
     out.mkdir(parents=True, exist_ok=True)
+    if state is None:  # a new run (or --overwrite): no completions of an earlier one
+        (out / "completions.jsonl").unlink(missing_ok=True)
     progress = _progress(config, start)
+    watch = _Watch()
     model.train()
     stop = _StopOnInterrupt()
     try:
@@ -362,18 +386,24 @@ def run(config: Config) -> list[dict[str, Any]]:
             record: dict[str, Any] = {"step": step + 1}
             if rows is None:
                 if step == 0 and heldout:
-                    record["heldout_reward_start"] = evaluate(
+                    record["heldout_reward_start"], shown = evaluate(
                         model, tokenizer, heldout, config, 0, reward
                     )
+                    _completions(out, shown, progress)
                 prompts = [picker.choice(train_prompts) for _ in range(config.prompts_per_step)]
                 groups = scored(model, tokenizer, prompts, config.responses, config, reward, what)
                 batch = collator.collate_ids(groups)  # with its group layout, packed on the host
                 record["reward"] = float(batch["rewards"][batch["mask"]].mean())
             else:
                 batch = collator([picker.choice(rows) for _ in range(config.prompts_per_step)])
-            loss, metrics, _ = loss_and_metrics(
+            if reference is not None:  # once, for the loss and the KL alike
+                batch["ref_logps"] = reference_logps(batch, ref_model=reference)
+            loss, metrics, logps = loss_and_metrics(
                 model, batch, ref_model=reference, loss=config.loss, pairs=config.pairs, **options
             )
+            if reference is not None:  # on sampled responses: an estimate of KL(policy || ref)
+                gap = (logps.detach() - batch["ref_logps"])[batch["mask"]]
+                record["kl"] = float(gap.float().mean())
             if not math.isfinite(loss.item()):  # never take a step with it, never save it
                 raise UserError(
                     f"step {step + 1}: the loss is {loss.item()}; "
@@ -383,12 +413,16 @@ def run(config: Config) -> list[dict[str, Any]]:
             loss.backward()
             optimizer.step()
             record["loss"] = loss.item()
-            record.update({k: float(v) for k, v in metrics.items()})
+            values = {k: float(v) for k, v in metrics.items()}
+            record.update({k: v for k, v in values.items() if math.isfinite(v)})  # NaN: none
+            for warning in watch(record, config, pretrained):
+                progress.write(f"prefopt train: warning: {warning}")
             last = step + 1 == config.steps
             if heldout and ((step + 1) % config.eval_every == 0 or last):
-                record["heldout_reward"] = evaluate(
+                record["heldout_reward"], shown = evaluate(
                     model, tokenizer, heldout, config, step + 1, reward
                 )
+                _completions(out, shown, progress)
             records.append(record)
             progress.update(record)
             if (step + 1) % config.save_every == 0 or last or stop.asked:
@@ -406,6 +440,53 @@ def run(config: Config) -> list[dict[str, Any]]:
     progress.close()
     _write_outputs(out, records)
     return records
+
+
+def setting_warnings(config: Config, pretrained: bool) -> list[str]:
+    """Settings far from what a pretrained model trains with (the prefopt train page)."""
+    if not pretrained:
+        return []
+    out = []
+    lr = BY_MODEL["lr"][1]
+    if config.lr > 10 * lr:
+        out.append(
+            f"--lr {config.lr:g} is over 10x the {lr:g} recommended for a pretrained model; "
+            "on SmolLM2-135M-Instruct 3e-4 and above wrecked the model within a few steps"
+        )
+    if config.temperature > 1.0:
+        out.append(f"--temperature {config.temperature:g} samples far from what the model says")
+    return out
+
+
+class _Watch:
+    """Says when a run is going to pieces: the loss or the KL jumps 100-fold in a step."""
+
+    def __init__(self):
+        self.last: dict[str, float] = {}
+
+    def __call__(self, record: dict[str, Any], config: Config, pretrained: bool) -> list[str]:
+        out = []
+        watched = (("loss", 0.05, "the loss"), ("kl", 0.5, "the KL to the reference"))
+        for key, floor, what in watched:
+            value, before = abs(record.get(key, 0.0)), self.last.get(key)
+            if before is not None and value > floor and value > 100 * max(before, floor / 100):
+                hint = f"; lower --lr (now {config.lr:g})" if pretrained else ""
+                out.append(
+                    f"step {record['step']}: {what} jumped from {before:.3g} to {value:.3g} in "
+                    f"one step: the run may be going to pieces{hint}"
+                )
+            if key in record:
+                self.last[key] = abs(record[key])
+        return out
+
+
+def _completions(out: Path, shown: list[dict[str, Any]], progress: _progress) -> None:
+    """Append an evaluation's sample completions to completions.jsonl; show the first."""
+    with (out / "completions.jsonl").open("a") as f:
+        for row in shown:
+            f.write(json.dumps(row) + "\n")
+    if shown:
+        progress.says = f"{shown[0]['response'][:40]!r} ({shown[0]['reward']:g})"
 
 
 def load_state(state_file: Path, config: Config) -> dict[str, Any]:
@@ -524,6 +605,7 @@ class _progress:
 
     def __init__(self, config: Config, start: int):
         self.bar = None
+        self.says = None  # the latest evaluation's first completion
         if config.progress:
             from tqdm import tqdm
 
@@ -532,10 +614,20 @@ class _progress:
     def update(self, record: dict[str, Any]) -> None:
         if self.bar is not None:
             shown = {
-                k: f"{record[k]:.3f}" for k in ("loss", "reward", "heldout_reward") if k in record
+                k: f"{record[k]:.3f}"
+                for k in ("loss", "kl", "reward", "heldout_reward")
+                if k in record
             }
+            if self.says:
+                shown["says"] = self.says
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(1)
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:
