@@ -8,6 +8,7 @@ cross-entropy (``liger``), each measured in its own process, in the same run.
     python benchmarks/bench_logps.py --quick          # tiny sizes: a smoke run (CI)
     python benchmarks/bench_logps.py --framework jax  # the JAX paths
     python benchmarks/bench_logps.py --device cuda --dtype bfloat16 --vocab 128256
+    python benchmarks/bench_logps.py --model smollm2-135m-instruct --rows 8 --seq 114
 
 Targets: peak memory at most 30% of the naive path's, time at most 1.3x.
 Memory on CPU is the process's peak resident set (``ru_maxrss``), reported whole and as
@@ -42,8 +43,15 @@ def torch_worker(args) -> dict:
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     dev = torch.device(args.device)
+    if args.model:  # the model's own output layer: its width, vocabulary and weight
+        from prefopt.cli.models import load_model
+
+        head = load_model(args.model, dtype=args.dtype)[0].get_output_embeddings()
+        weight = head.weight.detach().to(dev).clone()
+        args.vocab, args.hidden = weight.shape
+    else:
+        weight = (torch.randn(args.vocab, args.hidden, device=dev) / args.hidden**0.5).to(dtype)
     hidden = torch.randn(args.rows, args.seq, args.hidden, device=dev, dtype=dtype)
-    weight = (torch.randn(args.vocab, args.hidden, device=dev) / args.hidden**0.5).to(dtype)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
     labels = torch.randint(0, args.vocab, (args.rows, args.seq), device=dev)
@@ -123,6 +131,11 @@ def main():
     parser.add_argument("--framework", choices=sorted(MODES), default="torch")
     parser.add_argument("--rows", type=int, default=16, help="sequences (B * n)")
     parser.add_argument("--seq", type=int, default=512, help="tokens per sequence")
+    parser.add_argument(
+        "--model",
+        help="a real model's output layer (torch): smollm2-135m-instruct, a .gguf file or a "
+        "checkpoint folder; --hidden and --vocab are then the model's",
+    )
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--chunk", type=int, default=1024, help="rows per chunk (fused)")
@@ -131,6 +144,15 @@ def main():
     if args.quick:
         args.rows, args.seq, args.hidden, args.vocab = 4, 64, 32, 1000
         args.chunk, args.repeats, args.rounds = 64, 1, 1
+    if args.model and args.framework != "torch":
+        parser.error("--model: the torch paths only")
+    if args.model and not args.mode:  # the header below shows the model's sizes
+        from transformers import AutoConfig
+
+        from prefopt.cli.models import SMOLLM2, smollm2_path
+
+        config = AutoConfig.from_pretrained(smollm2_path() if args.model == SMOLLM2 else args.model)
+        args.hidden, args.vocab = config.hidden_size, config.vocab_size
     if args.mode:  # a worker process
         worker = torch_worker if args.framework == "torch" else jax_worker
         print(json.dumps(worker(args)))

@@ -16,6 +16,8 @@ n = 2 and the step of prefopt's ``PreferenceTrainer`` is timed against TRL's
     python benchmarks/bench_step.py --prompt 2048 --response 128   # a long prompt
     python benchmarks/bench_step.py --device cuda --dtype bfloat16 --vocab 128256
     python benchmarks/bench_step.py --device cuda --attn flash_attention_2   # with flash_attn
+    python benchmarks/bench_step.py --model smollm2-135m-instruct --prompt 50 --response 64
+                                               # the real model: plain, shared, shared + fused
 
 Targets (groups, the bench size): time at most 0.24x, peak memory growth at most 0.12x of
 ``unshared`` (measure with ``MALLOC_MMAP_THRESHOLD_=65536`` on the CPU: freed blocks then
@@ -31,6 +33,14 @@ import argparse
 import json
 
 from _measure import measure, measurement_options, rounds, table
+
+# the step's paths: plain (B·n full sequences, whole logits), the shared prompt alone, and the
+# defaults of batch_logps (shared prompt and fused output layer)
+PATHS = {
+    "unshared": {"share_prefix": False, "fused": False},
+    "shared_unfused": {"share_prefix": True, "fused": False},
+    "shared": {"share_prefix": True, "fused": True},
+}
 
 
 def tokenizer(vocab: int):
@@ -56,17 +66,24 @@ def worker(args) -> dict:
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=4 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(args.hidden // 64, 1),
-        max_position_embeddings=args.prompt + args.response + 8,
-        tie_word_embeddings=False,
-    )
-    config._attn_implementation = args.attn
-    policy = transformers.LlamaForCausalLM(config).to(dev, dtype)
+    if args.model:  # a real model: its vocabulary, width, GQA heads and tied embeddings
+        from prefopt.cli.models import load_model
+
+        policy = load_model(args.model, dtype=args.dtype)[0].to(dev)
+        policy.set_attn_implementation(args.attn)
+        args.vocab = policy.config.vocab_size
+    else:
+        config = transformers.LlamaConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=4 * args.hidden,
+            num_hidden_layers=args.layers,
+            num_attention_heads=max(args.hidden // 64, 1),
+            max_position_embeddings=args.prompt + args.response + 8,
+            tie_word_embeddings=False,
+        )
+        config._attn_implementation = args.attn
+        policy = transformers.LlamaForCausalLM(config).to(dev, dtype)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(1)
 
@@ -80,13 +97,11 @@ def worker(args) -> dict:
     ]
     batch = {k: torch.from_numpy(v).to(dev) for k, v in collate_ids(groups, pad_id=0).items()}
 
-    if args.mode in ("unshared", "shared"):
-        shared = args.mode == "shared"
+    if args.mode in PATHS:
+        how = PATHS[args.mode]
 
         def step():
-            loss, _, _ = loss_and_metrics(
-                policy, batch, ref_model=reference, loss="mpo", share_prefix=shared, fused=shared
-            )
+            loss, _, _ = loss_and_metrics(policy, batch, ref_model=reference, loss="mpo", **how)
             loss.backward()
             policy.zero_grad(set_to_none=True)
     else:  # a trainer's compute_loss on the same pairs: TRL's layout or prefopt's
@@ -140,6 +155,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--pairs", action="store_true", help="n = 2: against TRL's DPOTrainer")
+    parser.add_argument(
+        "--model",
+        help="a real model instead of a random Llama: smollm2-135m-instruct, a .gguf file or a "
+        "checkpoint folder (prefopt.cli.models.load_model); --hidden, --layers, --vocab unused",
+    )
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
@@ -160,20 +180,26 @@ def main():
     if args.mode:  # a worker process
         print(json.dumps(worker(args)))
         return
-    modes = ("trl", "prefopt") if args.pairs else ("unshared", "shared")
-    argv = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("quick", "pairs", "mode")]
+    if args.pairs:
+        modes = ("trl", "prefopt")
+    else:  # with a real model, also the shared prompt without the fused output layer
+        modes = ("unshared", "shared_unfused", "shared") if args.model else ("unshared", "shared")
+    skip = ("quick", "pairs", "mode")
+    argv = [f"--{k}={v}" for k, v in vars(args).items() if k not in skip and v is not None]
     results = rounds(__file__, argv, modes, args.rounds)
+    what = args.model or f"Llama H {args.hidden}, {args.layers} layers, V {args.vocab}"
     print(
-        f"{args.device} {args.dtype} {args.attn}: Llama H {args.hidden}, {args.layers} layers, "
-        f"V {args.vocab}; "
+        f"{args.device} {args.dtype} {args.attn}: {what}; "
         f"B {args.groups} x n {args.n}, prompt {args.prompt}, responses {args.response}; "
         f"best of {args.repeats} (+1 warm-up) x {args.rounds} rounds"
     )
-    summary = table(results, args.device, width=10)
-    (_, g0, t0), (_, g1, t1) = summary[modes[0]], summary[modes[1]]
-    print(
-        f"{modes[1]} / {modes[0]}: time {t1 / t0:.2f}, peak memory growth {g1 / max(g0, 1e-9):.2f}"
-    )
+    summary = table(results, args.device, width=14)
+    _, g0, t0 = summary[modes[0]]
+    for mode in modes[1:]:
+        _, g1, t1 = summary[mode]
+        print(
+            f"{mode} / {modes[0]}: time {t1 / t0:.2f}, peak memory growth {g1 / max(g0, 1e-9):.2f}"
+        )
 
 
 if __name__ == "__main__":
