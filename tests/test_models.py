@@ -83,6 +83,9 @@ def test_warnings_for_a_pretrained_run_going_to_pieces():
     assert len(said) == 1 and "step 3: the KL to the reference jumped" in said[0]
     assert "lower --lr" in said[0]
     assert watch({"step": 4, "loss": 0.5, "kl": 41.0}, config, True) == []
+    assert watch({"step": 5, "loss": 0.0, "kl": 41.0, "groups/degenerate": 1.0}, config, True) == []
+    assert watch({"step": 6, "loss": 0.4, "kl": 41.0, "groups/degenerate": 0.5}, config, True) == []
+    assert len(watch({"step": 7, "loss": 60.0, "kl": 41.0}, config, True)) == 1
 
 
 def test_the_addition_task():

@@ -459,13 +459,20 @@ def setting_warnings(config: Config, pretrained: bool) -> list[str]:
 
 
 class _Watch:
-    """Says when a run is going to pieces: the loss or the KL jumps 100-fold in a step."""
+    """Says when a run is going to pieces: the loss or the KL jumps 100-fold in a step.
+
+    A step whose groups are all degenerate (every response scored alike) has a loss of
+    exactly 0 and says nothing about the run: it is not the value the next step is
+    compared with.
+    """
 
     def __init__(self):
         self.last: dict[str, float] = {}
 
     def __call__(self, record: dict[str, Any], config: Config, pretrained: bool) -> list[str]:
         out = []
+        if record.get("groups/degenerate") == 1.0:
+            return out
         watched = (("loss", 0.05, "the loss"), ("kl", 0.5, "the KL to the reference"))
         for key, floor, what in watched:
             value, before = abs(record.get(key, 0.0)), self.last.get(key)
