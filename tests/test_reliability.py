@@ -179,6 +179,57 @@ def test_f_divergence_float32_holds_the_float64_value_wherever_float32_can(name,
     np.testing.assert_allclose(out[fits], expected[fits], rtol=2e-4, atol=1e-4)
 
 
+# the losses that read each transformed term, not only beta (h_w - h_l): there a term that
+# does not fit the dtype is clipped (docs/losses/pairwise.md#f-divergences)
+TERM_LOSSES = ("nca_pair", "bco_pair", "sppo_hard", "sigmoid_norm")
+
+
+@pytest.mark.parametrize("name", F_LOSSES)
+@pytest.mark.parametrize("f, f_alpha", [("forward_kl", 0.5), ("alpha_divergence", 0.1)])
+@pytest.mark.parametrize("beta", [0.01, 0.1, 1.0])
+def test_f_divergence_float32_where_both_terms_overflow(name, f, f_alpha, beta):
+    # Reference-free log-probs of long responses (-106.3 and -145.3): each transformed term
+    # (1 - e^106, 1 - e^145) is beyond float32, the loss often is not (0 for a margin
+    # hugely positive). Before, both terms were clipped to the same value and the margin
+    # vanished: DiscoPOP gave its value at margin 0, 0.8466, where the true loss is 0.
+    grid = -np.linspace(90.0, 160.0, 29)
+    cw, cl = np.repeat(grid, len(grid)), np.tile(grid, len(grid))
+    kw = {"chosen_lengths": np.full_like(cw, 3.0), "rejected_lengths": np.full_like(cw, 5.0)}
+    kw = kw if spec(name).lengths == "required" else {}
+    opts = {"beta": beta, "f_divergence": f, "f_alpha": f_alpha}
+    with np.errstate(over="ignore"):
+        expected = np.array(reference.pairwise(name, cw, cl, None, None, **kw, **opts))
+        out = prefopt.get_loss(name)(
+            cw.astype(np.float32), cl.astype(np.float32),
+            **{k: v.astype(np.float32) for k, v in kw.items()}, **opts,
+        ).astype(np.float64)  # fmt: skip
+    assert not np.any(np.isnan(out))
+    if name in TERM_LOSSES:  # a term beyond float32 saturates; the loss stays finite
+        assert np.all(np.isfinite(out))
+        return
+    fits = (np.abs(expected) <= F32_MAX / 8) & np.isfinite(expected)
+    assert fits.sum() >= len(grid)  # the comparison is not empty
+    np.testing.assert_allclose(out[fits], expected[fits], rtol=2e-4, atol=1e-4)
+
+
+def test_the_whole_margin_with_traced_options_equals_the_python_one():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    cw = jnp.array([-106.3, -145.3, -100.0, -1.0], dtype=jnp.float32)
+    cl = jnp.array([-145.3, -106.3, -100.0, -2.0], dtype=jnp.float32)
+
+    def loss(cw, cl, beta, f_alpha):
+        return prefopt.discopop_loss(
+            cw, cl, beta=beta, f_divergence="alpha_divergence", f_alpha=f_alpha
+        ).sum()
+
+    plain = loss(cw, cl, 0.1, 0.25)
+    traced = jax.jit(loss)(cw, cl, jnp.float32(0.1), jnp.float32(0.25))
+    np.testing.assert_allclose(np.asarray(traced), np.asarray(plain), rtol=1e-6)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(cw, cl, jnp.float32(0.1), jnp.float32(0.25))
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+
+
 def test_hinge_alpha_divergence_at_minus_59_is_the_true_value():
     h = np.array([-59.0], dtype=np.float32)
     zero = np.zeros(1, dtype=np.float32)

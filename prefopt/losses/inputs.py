@@ -161,10 +161,20 @@ class Pair(NamedTuple):
     xp: ModuleType
     hw: Array  # (B,) h(y_w), the chosen log-ratio (log-prob without a reference), f-transformed
     hl: Array  # (B,) h(y_l), the rejected one
+    z: Array | None  # (B,) beta (hw - hl) of an f-divergence (f_margin); None: see margin
     lw: Array | None  # (B,) |y_w|, token counts in the compute dtype, or None
     ll: Array | None  # (B,) |y_l|
     beta: float | Array  # a number, or a 0-d array in the compute dtype
     options: dict[str, Any]  # every numeric option likewise (see numeric_options)
+
+    def margin(self, negated: bool = False) -> Array:
+        r"""$\beta (h_w - h_l)$, or with ``negated`` $\beta (h_l - h_w)$.
+
+        The negated one is the same to the last bit, one kernel fewer than negating after.
+        """
+        if self.z is not None:
+            return -self.z if negated else self.z
+        return self.beta * (self.hl - self.hw if negated else self.hw - self.hl)
 
 
 def pair_inputs(fn, args, *, squared: bool = False) -> Pair:
@@ -194,13 +204,16 @@ def pair_inputs(fn, args, *, squared: bool = False) -> Pair:
     f_divergence = args.get("f_divergence", "reverse_kl")
     if f_divergence != "reverse_kl":
         f_alpha = options["f_alpha"]
+        z = f_margin(hw, hl, f_divergence, f_alpha, options["beta"], xp, squared=squared)
         hw, hl = (f_transform(h, f_divergence, f_alpha, xp, squared=squared) for h in (hw, hl))
+    else:
+        z = None
     lw = ll = None
     if "chosen_lengths" in args:  # whether they are required: the registry's fact
         lw, ll = pair_lengths(
             fn, args["chosen_lengths"], args.get("rejected_lengths"), hw, xp, _lengths(fn)
         )
-    return Pair(xp, hw, hl, lw, ll, options["beta"], options)
+    return Pair(xp, hw, hl, z, lw, ll, options["beta"], options)
 
 
 @functools.cache
@@ -279,8 +292,7 @@ def f_transform(
     # log|alpha - 1| < 0), and for a loss that squares the difference (squared: IPO, SPPO)
     # where the square, or its gradient, would (at half of log(max/4), likewise lowered).
     # Beyond the clip the transform is flat (gradient 0); below it every value is exact.
-    big = math.log(float(xp.finfo(h.dtype).max))
-    limit = 0.5 * (big - math.log(4.0)) if squared else big - math.log(2.0)
+    limit = _exponent_limit(h.dtype, xp, squared)
     if f_divergence == "forward_kl":
         return 1.0 - xp.exp(xp.clip(-h, max=limit))
     if f_divergence == "js_divergence":
@@ -298,6 +310,61 @@ def f_transform(
     c = xp.where(one, xp.ones_like(f_alpha), f_alpha - 1.0)  # safe: no 0 / 0 in the gradient
     limit = limit + xp.minimum(xp.log(xp.abs(c)), xp.zeros_like(c))
     return xp.where(one, h, (xp.exp(xp.minimum(c * h, limit + xp.zeros_like(h))) - 1.0) / c)
+
+
+def _exponent_limit(dtype, xp: ModuleType, squared: bool) -> float:
+    """Where ``f_transform`` clips its exponent, before the ``log|alpha - 1|`` adjustment."""
+    big = math.log(float(xp.finfo(dtype).max))
+    return 0.5 * (big - math.log(4.0)) if squared else big - math.log(2.0)
+
+
+def f_margin(
+    hw: Array,
+    hl: Array,
+    f_divergence: str,
+    f_alpha: float | Array,
+    beta: float | Array,
+    xp: ModuleType,
+    *,
+    squared: bool = False,
+) -> Array:
+    r"""$\beta (f(h_w) - f(h_l))$, the margin of f-transformed log-ratios (see ``f_transform``).
+
+    Where neither exponent reaches the clip, it is $\beta$ times the difference of the two
+    transforms, to the last bit. Beyond it, each term alone would be clipped to the same
+    value and the margin would vanish (reference-free ``forward_kl`` at log-probs -106 and
+    -145: a huge positive margin became 0). There the margin is computed without forming
+    the terms: with $x = c h$ ($c = -1$ for ``forward_kl``, $\alpha - 1$ for
+    ``alpha_divergence``) and $m$ the larger exponent,
+    $\beta (e^{x_w} - e^{x_l}) / c = \pm e^{m + \log(1 - e^{-|x_w - x_l|}) + \log\beta} / c$,
+    its exponent clipped only where the margin itself would overflow.
+    """
+    naive = beta * (
+        f_transform(hw, f_divergence, f_alpha, xp, squared=squared)
+        - f_transform(hl, f_divergence, f_alpha, xp, squared=squared)
+    )
+    if f_divergence not in ("forward_kl", "alpha_divergence"):
+        return naive  # js_divergence: the terms never overflow
+    limit = _exponent_limit(hw.dtype, xp, squared)
+    if f_divergence == "forward_kl":
+        c = -1.0
+    elif isinstance(f_alpha, (int, float)):
+        if f_alpha == 1.0:
+            return naive
+        c = f_alpha - 1.0
+        limit += min(0.0, math.log(abs(c)))
+    else:  # a 0-d array alpha: at alpha = 1 nothing overflows, and the naive margin is used
+        c = xp.where(f_alpha == 1.0, xp.ones_like(f_alpha), f_alpha - 1.0)
+        limit = limit + xp.minimum(xp.log(xp.abs(c)), xp.zeros_like(c))
+    xw, xl = c * hw, c * hl
+    top = xp.maximum(xw, xl)
+    gap = -xp.abs(xw - xl)  # <= 0
+    tie = gap == 0.0
+    log1m = xp.log(-xp.expm1(xp.where(tie, -xp.ones_like(gap), gap)))  # finite at a tie
+    log_beta = math.log(beta) if isinstance(beta, (int, float)) else xp.log(beta)
+    far = xp.exp(xp.minimum(top + log1m + log_beta, limit + xp.zeros_like(top))) / c
+    far = xp.where(tie, xp.zeros_like(far), xp.where(xw >= xl, far, -far))
+    return xp.where(top > limit, far, naive)
 
 
 def pair_lengths(

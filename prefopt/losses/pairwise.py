@@ -89,7 +89,7 @@ def dpo_loss(
     """
     p = pair_inputs(dpo_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
         ref_rejected_logps, beta, label_smoothing, f_divergence, f_alpha, xp))  # fmt: skip
-    return smoothed_sigmoid_loss(p.beta * (p.hl - p.hw), p.options["label_smoothing"], p.xp)
+    return smoothed_sigmoid_loss(p.margin(negated=True), p.options["label_smoothing"], p.xp)
 
 
 def robust_dpo_loss(
@@ -140,7 +140,7 @@ def robust_dpo_loss(
     p = pair_inputs(robust_dpo_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
         ref_rejected_logps, beta, label_smoothing, f_divergence, f_alpha, xp))  # fmt: skip
     eps = p.options["label_smoothing"]
-    z = p.beta * (p.hw - p.hl)
+    z = p.margin()
     loss = (1.0 - eps) * (0.0 - log_sigmoid(z, xp=p.xp)) + eps * log_sigmoid(-z, xp=p.xp)
     return loss / (1.0 - 2.0 * eps)
 
@@ -242,7 +242,7 @@ def hinge_loss(
     """
     p = pair_inputs(hinge_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
         ref_rejected_logps, beta, f_divergence, f_alpha, xp))  # fmt: skip
-    z = p.beta * (p.hw - p.hl)
+    z = p.margin()
     return p.xp.where(z < 1.0, 1.0 - z, 0.0)  # gradient 0 at z = 1 on every backend
 
 
@@ -292,7 +292,7 @@ def exo_pair_loss(
     p = pair_inputs(exo_pair_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
         ref_rejected_logps, beta, label_smoothing, f_divergence, f_alpha, xp))  # fmt: skip
     eps = p.options["label_smoothing"]
-    z = p.beta * (p.hw - p.hl)
+    z = p.margin()
     pos, neg = log_sigmoid(z, xp=p.xp), log_sigmoid(-z, xp=p.xp)
     # the KL divergence from (1 - eps, eps) to (sigma(z), sigma(-z)): >= 0
     if isinstance(eps, (int, float)):
@@ -550,7 +550,7 @@ def apo_down_loss(
     """
     p = pair_inputs(apo_down_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
         ref_rejected_logps, beta, f_divergence, f_alpha, xp))  # fmt: skip
-    return sigmoid(p.beta * p.hw, xp=p.xp) + sigmoid(-p.beta * (p.hw - p.hl), xp=p.xp)
+    return sigmoid(p.beta * p.hw, xp=p.xp) + sigmoid(p.margin(negated=True), xp=p.xp)
 
 
 def discopop_loss(
@@ -601,7 +601,7 @@ def discopop_loss(
     p = pair_inputs(discopop_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
         ref_rejected_logps, beta, tau, f_divergence, f_alpha, xp))  # fmt: skip
     tau = p.options["tau"]
-    z = p.beta * (p.hw - p.hl)
+    z = p.margin()
     # m * e^-z as one exponent: bounded above for tau <= 1, where e^-z alone overflows
     exp_part = p.xp.exp(log_sigmoid(z / tau, xp=p.xp) - z)
     return sigmoid(-z / tau, xp=p.xp) * (0.0 - log_sigmoid(z, xp=p.xp)) + exp_part

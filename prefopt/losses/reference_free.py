@@ -100,7 +100,7 @@ def cpo_loss(
     """
     p = pair_inputs(cpo_loss, (chosen_logps, rejected_logps, chosen_lengths, beta,
         cpo_alpha, label_smoothing, xp))  # fmt: skip
-    loss = smoothed_sigmoid_loss(p.beta * (p.hl - p.hw), p.options["label_smoothing"], p.xp)
+    loss = smoothed_sigmoid_loss(p.margin(negated=True), p.options["label_smoothing"], p.xp)
     weight = p.options["cpo_alpha"]
     if isinstance(weight, float) and weight == 0.0:  # an array weight: the term stays
         return loss
