@@ -78,6 +78,11 @@ def test_the_first_loss_is_mpo_of_the_raw_rewards(tmp_path):
         above = r > r.mean()
         by_hand += float(torch.logsumexp(w, 0) - torch.logsumexp(w[above], 0)) / 2
     assert loss == pytest.approx(by_hand, abs=1e-6)
+    # the completions table's "advantage": the deviation from the group mean, MPO's split
+    logged = torch.tensor(list(t._logs["advantages"]))
+    r = inputs["raw_rewards"].view(-1, 4)
+    deviation = (r - r.mean(1, keepdim=True)).view(-1)  # the groups shuffled as trained
+    assert torch.allclose(logged.sort().values, deviation.sort().values, atol=1e-6)
 
 
 def test_groups_stay_whole_across_micro_batches_and_shuffling(tmp_path):

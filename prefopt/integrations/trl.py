@@ -60,10 +60,14 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
     - **The loss** is [`prefopt.batch_loss`][prefopt.batch_loss] (the mean over the groups
       of the micro-batch, degenerate ones included), divided by the gradient accumulation
       steps as GRPO's is: the mean over the generation batch's groups.
-    - **Metrics**: TRL's own (``reward``, ``reward_std``, completion lengths...) plus
-      prefopt's ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
-      ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``,
-      ``groups/degenerate`` (see [Metrics](../metrics.md)).
+    - **Metrics**: TRL's own (``reward``, ``reward_std``, ``frac_reward_zero_std``,
+      completion lengths...) plus prefopt's ``rewards/chosen``, ``rewards/rejected``,
+      ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``,
+      ``groups/degenerate`` (see [Metrics](../metrics.md)); a mean over no group is left
+      out, never logged as 0. TRL's ``entropy`` is not logged: the fused output layer never
+      forms the token distributions. The completions table's "advantage" column holds each
+      completion's deviation from its group's mean reward (what the loss splits on: above
+      0 chosen), not GRPO's standardised advantage.
 
     - **Tool calls and environments**: the tokens TRL's ``tool_mask`` marks 0 (a tool's
       result) stay in the sequence as context and are left out of the log-prob.
@@ -186,6 +190,15 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
         local = out["prompt_ids"].shape[0]
         start = self.accelerator.process_index * local
         out["raw_rewards"] = combined[start : start + local]
+        # the completions table's "advantage": the deviation from the group's mean reward
+        # that the group losses split on, not GRPO's standardised advantage it never uses
+        n = self.num_generations if self.model.training else self.num_generations_eval
+        groups = combined.view(-1, n)
+        deviation = (groups - groups.nanmean(1, keepdim=True)).view(-1).nan_to_num(0.0)
+        logged = self._logs["advantages"]
+        for _ in range(min(len(deviation), len(logged))):
+            logged.pop()
+        logged.extend(deviation.tolist())
         return out
 
     def _prepare_inputs(self, generation_batch):
