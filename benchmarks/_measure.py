@@ -9,6 +9,28 @@ import sys
 import time
 
 
+def machine() -> str:
+    """The CPU model and the vector kernels torch picked: figures hold on the machine measured.
+
+    On Linux the model comes from /proc/cpuinfo; elsewhere from ``platform.processor()``.
+    """
+    import platform
+
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    try:
+        import torch
+
+        model += f", torch kernels {torch.backends.cpu.get_cpu_capability()}"
+    except ImportError:
+        pass
+    return model
+
+
 def rss_mib() -> float:
     """The process's peak resident set in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -58,6 +80,7 @@ def measure(step, device, repeats: int) -> dict:
 def table(results: dict, device: str, width: int = 12) -> dict:
     """Print one row per path (worst peak and growth, best time over rounds); return them."""
     unit = "MiB (CUDA allocated)" if device != "cpu" else "MiB (max RSS)"
+    print(f"machine: {machine()}")
     print(f"{'path':{width}} {'peak ' + unit:>26} {'growth':>10} {'time s':>9}")
     summary = {}
     for mode, runs in results.items():
