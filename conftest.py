@@ -9,7 +9,7 @@ import importlib.util
 
 _NEEDS = {
     "backends/torch": "torch",
-    "backends/jax.py": "jax",
+    "backends/jax": "jax",
     "prefopt/cli": "transformers",
     "prefopt/integrations/transformers.py": "transformers",
     "prefopt/integrations/attention.py": "transformers",

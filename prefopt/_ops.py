@@ -77,7 +77,7 @@ def _compiling() -> bool:
 
 
 # The native ops a backend supplies, the contract between this module and
-# prefopt.backends (``prefopt.backends.torch.ops``, ``prefopt.backends.jax``), tested for
+# prefopt.backends (``prefopt.backends.torch.ops``, ``prefopt.backends.jax.ops``), tested for
 # every backend against the Array API fallbacks below (tests/test_ops.py):
 NATIVE_OPS = {
     "log_sigmoid": "log_sigmoid(x) -> log(sigmoid(x)), elementwise: the shape and dtype of x",
@@ -100,7 +100,7 @@ def native(xp: ModuleType) -> ModuleType | None:
     if array_api_compat.is_torch_namespace(xp):
         from prefopt.backends.torch import ops as backend
     elif array_api_compat.is_jax_namespace(xp):
-        from prefopt.backends import jax as backend
+        from prefopt.backends.jax import ops as backend
     else:
         backend = None
     return backend

@@ -188,6 +188,7 @@ def pair_inputs(fn, args, *, squared: bool = False) -> Pair:
         squared: The loss squares a difference of transformed log-ratios (IPO, SPPO): the
             f-divergence exponent is clipped where that square would overflow.
     """
+    lengths = lengths_kind(fn) if callable(fn) else "optional"  # the metrics: optional
     fn, args = bound(fn, args)
     arrays = pair_arrays(
         fn,
@@ -209,22 +210,26 @@ def pair_inputs(fn, args, *, squared: bool = False) -> Pair:
     else:
         z = None
     lw = ll = None
-    if "chosen_lengths" in args:  # whether they are required: the registry's fact
-        lw, ll = pair_lengths(
-            fn, args["chosen_lengths"], args.get("rejected_lengths"), hw, xp, _lengths(fn)
-        )
+    if "chosen_lengths" in args:
+        counts = args["chosen_lengths"], args.get("rejected_lengths")
+        lw, ll = pair_lengths(fn, *counts, hw, xp, lengths)
     return Pair(xp, hw, hl, z, lw, ll, options["beta"], options)
 
 
 @functools.cache
-def _lengths(fn: str) -> str:
-    """The registry's ``lengths`` of the loss function named ``fn`` (read once per loss).
+def lengths_kind(loss) -> str:
+    """How a loss takes token counts, read from its signature (the registry reads it here).
 
-    ``"optional"`` for a caller that is not a registered loss (the metrics).
+    ``"none"`` (no lengths parameter), ``"chosen"`` (a pairwise loss with
+    ``chosen_lengths`` only), ``"required"`` (no default) or ``"optional"`` (default ``None``).
     """
-    from prefopt.losses.registry import specs  # the registry imports the losses
-
-    return next((s.lengths for s in specs().values() if s.fn.__name__ == fn), "optional")
+    params = inspect.signature(loss).parameters
+    counts = params.get("lengths") or params.get("chosen_lengths")
+    if counts is None:
+        return "none"
+    if "chosen_lengths" in params and "rejected_lengths" not in params:
+        return "chosen"
+    return "required" if counts.default is inspect.Parameter.empty else "optional"
 
 
 def pair_arrays(

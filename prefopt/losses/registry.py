@@ -24,7 +24,7 @@ from prefopt.losses.group import (
     nca_loss,
     plackett_luce_loss,
 )
-from prefopt.losses.inputs import check_options
+from prefopt.losses.inputs import check_options, lengths_kind
 from prefopt.losses.pairwise import (
     aot_loss,
     aot_unpaired_loss,
@@ -114,13 +114,6 @@ class LossSpec:
     def __post_init__(self) -> None:
         params = inspect.signature(self.fn).parameters
         reference = "optional" if {"ref_logps", "ref_chosen_logps"} & set(params) else "none"
-        counts = params.get("lengths") or params.get("chosen_lengths")
-        if counts is None:
-            lengths = "none"
-        elif self.layout == "pair" and "rejected_lengths" not in params:
-            lengths = "chosen"
-        else:
-            lengths = "required" if counts.default is inspect.Parameter.empty else "optional"
         inputs = (*(name for name in INPUTS[self.layout] if name in params), "xp")
         defaults = {
             p.name: p.default
@@ -129,7 +122,7 @@ class LossSpec:
         }
         derived = {
             "reference": reference,
-            "lengths": lengths,
+            "lengths": lengths_kind(self.fn),
             "inputs": inputs,
             "defaults": defaults,
         }
