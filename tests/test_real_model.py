@@ -101,10 +101,44 @@ def test_shared_and_fused_paths_equal_the_plain_path_in_float32(smol):
     model.eval()
 
 
+WORDS = (
+    "the answer is seven because three and four make a sum which you asked for written "
+    "out in words rather than digits blue red green cats run fast"
+).split()
+QUESTIONS = [
+    "What is 3 + 4?",
+    "Name a colour.",
+    "Say something about cats.",
+    "Count to five.",
+    "Why is the sky blue?",
+    "Give me a number.",
+    "Describe a dog.",
+    "What is 2 + 2?",
+]
+
+
+def words(b: int, i: int) -> str:
+    """A response of 1 to 30 words, different for each group ``b`` and response ``i``."""
+    return " ".join(
+        WORDS[(3 * b + 7 * i + k) % len(WORDS)] for k in range(1 + (11 * b + 7 * i) % 30)
+    )
+
+
 def test_bfloat16_shared_path_is_no_less_exact_than_the_plain_path(smol):
     # Both paths against the same weights in float64: bf16's own error, not the sharing's.
+    # 32 responses of 1 to 30 words: on the 6 of ROWS the mean of a few heavy-tailed errors
+    # decided it (an AVX-512 Xeon: 0.18 shared against 0.06 plain; on these 32, 0.22
+    # against 0.21).
     model, tok = smol
-    batch = PreferenceCollator(tok)(ROWS)
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": q}],
+            "responses": [[{"role": "assistant", "content": words(b, i)}] for i in range(4)],
+            "rewards": [1.0, 0.5, 0.2, 0.0],
+        }
+        for b, q in enumerate(QUESTIONS)
+    ]
+    batch = PreferenceCollator(tok)(rows)
     valid = batch["mask"]
     with torch.no_grad():
         exact = batch_logps(model.to(torch.float64), batch, share_prefix=False, fused=False)[0]
