@@ -19,6 +19,7 @@ Written once against the Array API: the PyTorch integration and the JAX example 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -33,6 +34,7 @@ __all__ = [
     "ResponseAttention",
     "group_attention_mask",
     "group_layout",
+    "pack_groups",
     "response_attention",
 ]
 
@@ -294,3 +296,80 @@ def response_attention(
     keys = xp.where(k < p, k, xp.where(own < r[:, :, None], starts + own, 0))
     allowed = (k[:, :, None, :] < p[..., None]) | (own[:, :, None, :] <= j[:, :, :, None])
     return ResponseAttention(P, queries, keys, allowed, output)
+
+
+# The keys of a collated batch that hold its group layout (see ``pack_groups``).
+PACKED = (
+    "packed_ids", "packed_positions", "packed_rows", "packed_cols", "packed_owner",
+    "packed_targets", "packed_queries", "packed_keys", "packed_allowed", "packed_output",
+)  # fmt: skip
+
+
+def pack_groups(batch: Mapping[str, Any], *, ignore_index: int = -100) -> dict[str, Any] | None:
+    """The group layout of a collated batch: each prompt once, then its responses.
+
+    Computed once per batch, at collation (on the host, where reading the lengths costs
+    nothing), and used by the policy's and the reference's forward alike. Written against
+    the Array API: it takes NumPy arrays from [`collate_ids`][prefopt.integrations.data.collate_ids]
+    or the tensors of a collated batch.
+
+    Args:
+        batch: ``input_ids``, ``labels`` and ``attention_mask``, each (B, n, T).
+        ignore_index: The label of prompt and padding tokens. Default -100.
+
+    Returns:
+        ``None`` when some group cannot share its prompt (its responses were cut to
+        different prompt tokens, an empty prompt, a response with no token, a padded
+        prompt); else the arrays named in ``PACKED``: the packed sequence
+        ``packed_ids`` and ``packed_positions`` (B, L) (see
+        [`group_layout`][prefopt.layout.group_layout]); for each response token, the
+        packed row and column whose output predicts it, its response ``b * n + i`` and its
+        id (``packed_rows``, ``packed_cols``, ``packed_owner``, ``packed_targets``, (N,));
+        and the index grids of [`response_attention`][prefopt.layout.response_attention]
+        (``packed_queries``, ``packed_keys``, ``packed_allowed``, ``packed_output``).
+    """
+    ids, labels, attention = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    xp = get_namespace(ids)
+    B, n, T = ids.shape
+    is_label = labels != ignore_index
+    real = xp.any(is_label, axis=-1)  # (B, n)
+    starts = xp.argmax(xp.astype(is_label, xp.int8), axis=-1)  # prompt length of each row
+    # a response runs to the end of its attended tokens: uncounted tokens (a tool's result)
+    # inside it are context for the tokens after them
+    ends = xp.sum(xp.astype(attention == 1, xp.int64), axis=-1)
+    prompt = starts[:, 0]  # response 0 of a group is always real (the collator fills first)
+    columns = xp.arange(T)
+    in_prompt = columns < prompt[:, None, None]
+    in_sequence = columns < ends[..., None]
+    same = (ids == ids[:, :1]) | ~in_prompt
+    if not (
+        bool(xp.all(real[:, 0]))
+        and bool(xp.all(prompt >= 1))
+        and bool(xp.all((starts == prompt[:, None]) | ~real))
+        and bool(xp.all(same | ~real[..., None]))
+        and bool(xp.all((attention == 1) | ~in_sequence | ~real[..., None]))
+    ):
+        return None
+    lengths = xp.where(real, ends - starts, 0)
+    lay = group_layout(prompt, lengths, xp=xp)
+    att = response_attention(lay, prompt, lengths, xp=xp)
+    R = lay.label_mask.shape[-1]
+    # the response tokens whose log-prob counts (a tool's result is read, not counted):
+    # only these go through the output layer
+    column = xp.clip(prompt[:, None, None] + xp.arange(R), max=T - 1)
+    counted = xp.take_along_axis(is_label, xp.broadcast_to(column, (B, n, R)), axis=-1)
+    flat = xp.nonzero(xp.reshape(lay.label_mask & counted, (-1,)))[0]
+    g, i, k = flat // (n * R), (flat // R) % n, flat % R
+    rows_of_ids = xp.reshape(ids, (B, n * T))
+    return {
+        "packed_ids": xp.take_along_axis(rows_of_ids, lay.response * T + lay.column, axis=1),
+        "packed_positions": lay.positions,
+        "packed_rows": g,
+        "packed_cols": xp.take(xp.reshape(lay.label_positions, (-1,)), flat),
+        "packed_owner": g * n + i,
+        "packed_targets": xp.take(xp.reshape(ids, (-1,)), (g * n + i) * T + xp.take(prompt, g) + k),
+        "packed_queries": att.queries,
+        "packed_keys": att.keys,
+        "packed_allowed": att.allowed,
+        "packed_output": att.output,
+    }

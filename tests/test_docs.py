@@ -17,6 +17,7 @@ def public_symbols():
         "prefopt.backends.torch",
         "prefopt.backends.jax",
         "prefopt.integrations.data",
+        "prefopt.integrations.loss",
         "prefopt.integrations.transformers",
         "prefopt.integrations.attention",
         "prefopt.integrations.trl",

@@ -252,7 +252,7 @@ def test_a_sliding_window_shorter_than_a_sequence_runs_unshared_and_exact():
 
 
 def packed_batch(seed=0):
-    from prefopt.integrations.data import pack_groups
+    from prefopt.layout import pack_groups
 
     data = batch(seed)
     numpy = {k: v.numpy() for k, v in data.items()}
@@ -320,7 +320,7 @@ def tool_batch(flags=True):
 
 @pytest.mark.usefixtures("keys")
 def test_tool_result_tokens_are_context_not_scored_on_every_path():
-    from prefopt.integrations.data import pack_groups
+    from prefopt.layout import pack_groups
 
     model = exact_norms(tiny("llama", torch.float64))
     data, masks = tool_batch()

@@ -251,7 +251,7 @@ def test_tool_results_are_read_but_not_scored(tmp_path):
     # and a tool's result is in the sequence (attended, read by what follows), unlabelled
     attended = batch["attention_mask"][batch["mask"]].sum(-1)
     assert torch.all(attended >= (labels != -100).sum(-1) + 3 + 1)  # 3 result tokens, prompt
-    from prefopt.integrations.data import pack_groups
+    from prefopt.layout import pack_groups
 
     assert pack_groups(batch) is not None  # still the shared group forward
     assert any(not torch.equal(a, p) for a, p in zip(before, t.model.parameters()))

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from prefopt.integrations.data import Truncation, collate_ids, pack_groups, tokenize_row
+from prefopt.integrations.data import Truncation, collate_ids, tokenize_row
+from prefopt.layout import pack_groups
 
 __all__ = ["PreferenceCollator"]
 
@@ -35,7 +36,7 @@ class PreferenceCollator:
     ``attention_mask`` and ``labels`` (B, n, T), ``rewards`` (B, n) float32, ``mask``
     (B, n) bool, ``ref_logps`` (B, n) float32 when every row has that column, and the
     batch's group layout (each prompt once, then its responses: the ``packed_*`` tensors of
-    [`pack_groups`][prefopt.integrations.data.pack_groups]) when its groups share their
+    [`pack_groups`][prefopt.layout.pack_groups]) when its groups share their
     prompts. The layout is computed here, on the host, once per batch: the policy's and the
     reference's forward both use it, and neither reads a value back from the device.
     """

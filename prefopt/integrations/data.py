@@ -1,23 +1,25 @@
-"""Preference rows to padded arrays, shared by the PyTorch and JAX integrations (NumPy only)."""
+"""Preference rows to padded arrays, shared by the PyTorch and JAX integrations (NumPy only).
+
+Rows and their tokenisation (``preference_row``, ``tokenize_row``), how long sequences are
+cut (``Truncation``) and the padded batch (``collate_ids``). What a batch becomes next is
+elsewhere: its group layout in ``prefopt.layout.pack_groups``, its loss and metrics in
+``prefopt.integrations.loss``.
+"""
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-import prefopt
-from prefopt._ops import stop_gradient
-from prefopt.losses.registry import spec
+from prefopt.integrations import warn_once
 
 __all__ = [
     "Truncation",
     "collate_ids",
-    "group_loss_and_metrics",
     "preference_row",
     "tokenize_row",
 ]
@@ -186,7 +188,7 @@ def tokenize_row(
         full = [chat(prompt + r) for r in responses]
     start = min(_common_prefix(prompt_ids, ids) for ids in full)
     if start < len(prompt_ids):
-        _warn_once(
+        warn_once(
             "prefopt: a tokenized prompt is not a prefix of prompt + response (tokens merge "
             "across the boundary, or the chat template renders the prompt differently); the "
             "response starts where they part. Standard rows: start each response with the "
@@ -200,15 +202,6 @@ def tokenize_row(
     if "ref_logps" in row:
         out["ref_logps"] = row["ref_logps"]
     return out
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -377,140 +370,3 @@ def collate_ids(
             ref[b, : len(values)] = [float(v) for v in values]
         batch["ref_logps"] = ref
     return batch
-
-
-def group_loss_and_metrics(
-    loss: str,
-    logps: Any,
-    ref_logps: Any,
-    batch: dict[str, Any],
-    lengths: Any,
-    *,
-    pairs: str = "all",
-    options: dict[str, Any] | None = None,
-) -> tuple[Any, dict[str, Any]]:
-    """The training loss of a group batch's log-probs, and its metrics (both integrations).
-
-    The PyTorch and JAX ``loss_and_metrics`` compute the log-probs and call this. The loss
-    is [`prefopt.batch_loss`][prefopt.batch_loss] with the loss's own defaults for the
-    options not given; the metrics are
-    [`group_metrics`][prefopt.metrics.group_metrics] (no gradient) with the ``beta`` the
-    loss used, per token when the loss averages log-probs per token (reference-free).
-
-    Args:
-        loss: A registered loss name.
-        logps: (B, n) summed response log-probs under the policy.
-        ref_logps: (B, n) under the reference, or ``None``; dropped for reference-free losses.
-        batch: The batch's ``rewards`` and ``mask``, each (B, n).
-        lengths: (B, n) response token counts, given to the loss where it uses them
-            ([`LossSpec.uses_lengths`][prefopt.losses.registry.LossSpec.uses_lengths]).
-        pairs: ``"all"`` (default) or ``"best_worst"``, for pairwise losses.
-        options: Options of the loss; the others keep the loss's defaults.
-
-    Returns:
-        ``(loss, metrics)``: a 0-d array and a dict of 0-d arrays.
-    """
-    found = spec(loss, "loss_and_metrics")
-    options = found.options(options, fn="loss_and_metrics")
-    if found.reference == "none":
-        ref_logps = None
-    value = prefopt.batch_loss(
-        loss,
-        logps,
-        ref_logps,
-        batch["rewards"],
-        mask=batch["mask"],
-        lengths=lengths if found.uses_lengths(ref_logps is not None) else None,
-        pairs=pairs,
-        **options,
-    )
-    per_token = ref_logps is None and found.lengths in ("optional", "required")
-    xp = prefopt._ops.get_namespace(logps)
-    metrics = prefopt.metrics.group_metrics(
-        stop_gradient(logps, xp=xp),
-        ref_logps,
-        batch["rewards"],
-        mask=batch["mask"],
-        lengths=lengths if per_token else None,
-        beta=options["beta"],
-        xp=xp,
-    )
-    return value, metrics
-
-
-# The keys of a collated batch that hold its group layout (see ``pack_groups``).
-PACKED = (
-    "packed_ids", "packed_positions", "packed_rows", "packed_cols", "packed_owner",
-    "packed_targets", "packed_queries", "packed_keys", "packed_allowed", "packed_output",
-)  # fmt: skip
-
-
-def pack_groups(batch: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The group layout of a collated batch: each prompt once, then its responses.
-
-    Computed once per batch, at collation (on the host, where reading the lengths costs
-    nothing), and used by the policy's and the reference's forward alike. Written against
-    the Array API: it takes NumPy arrays from [`collate_ids`][prefopt.integrations.data.collate_ids]
-    or the tensors of a collated batch.
-
-    Args:
-        batch: ``input_ids``, ``labels`` and ``attention_mask``, each (B, n, T).
-
-    Returns:
-        ``None`` when some group cannot share its prompt (its responses were cut to
-        different prompt tokens, an empty prompt, a response with no token, a padded
-        prompt); else the arrays named in ``PACKED``: the packed sequence
-        ``packed_ids`` and ``packed_positions`` (B, L) (see
-        [`group_layout`][prefopt.layout.group_layout]); for each response token, the
-        packed row and column whose output predicts it, its response ``b * n + i`` and its
-        id (``packed_rows``, ``packed_cols``, ``packed_owner``, ``packed_targets``, (N,));
-        and the index grids of [`response_attention`][prefopt.layout.response_attention]
-        (``packed_queries``, ``packed_keys``, ``packed_allowed``, ``packed_output``).
-    """
-    from prefopt.layout import group_layout, response_attention
-
-    ids, labels, attention = batch["input_ids"], batch["labels"], batch["attention_mask"]
-    xp = prefopt._ops.get_namespace(ids)
-    B, n, T = ids.shape
-    is_label = labels != IGNORE
-    real = xp.any(is_label, axis=-1)  # (B, n)
-    starts = xp.argmax(xp.astype(is_label, xp.int8), axis=-1)  # prompt length of each row
-    # a response runs to the end of its attended tokens: uncounted tokens (a tool's result)
-    # inside it are context for the tokens after them
-    ends = xp.sum(xp.astype(attention == 1, xp.int64), axis=-1)
-    prompt = starts[:, 0]  # response 0 of a group is always real (the collator fills first)
-    columns = xp.arange(T)
-    in_prompt = columns < prompt[:, None, None]
-    in_sequence = columns < ends[..., None]
-    same = (ids == ids[:, :1]) | ~in_prompt
-    if not (
-        bool(xp.all(real[:, 0]))
-        and bool(xp.all(prompt >= 1))
-        and bool(xp.all((starts == prompt[:, None]) | ~real))
-        and bool(xp.all(same | ~real[..., None]))
-        and bool(xp.all((attention == 1) | ~in_sequence | ~real[..., None]))
-    ):
-        return None
-    lengths = xp.where(real, ends - starts, 0)
-    lay = group_layout(prompt, lengths, xp=xp)
-    att = response_attention(lay, prompt, lengths, xp=xp)
-    R = lay.label_mask.shape[-1]
-    # the response tokens whose log-prob counts (a tool's result is read, not counted):
-    # only these go through the output layer
-    column = xp.clip(prompt[:, None, None] + xp.arange(R), max=T - 1)
-    counted = xp.take_along_axis(is_label, xp.broadcast_to(column, (B, n, R)), axis=-1)
-    flat = xp.nonzero(xp.reshape(lay.label_mask & counted, (-1,)))[0]
-    g, i, k = flat // (n * R), (flat // R) % n, flat % R
-    rows_of_ids = xp.reshape(ids, (B, n * T))
-    return {
-        "packed_ids": xp.take_along_axis(rows_of_ids, lay.response * T + lay.column, axis=1),
-        "packed_positions": lay.positions,
-        "packed_rows": g,
-        "packed_cols": xp.take(xp.reshape(lay.label_positions, (-1,)), flat),
-        "packed_owner": g * n + i,
-        "packed_targets": xp.take(xp.reshape(ids, (-1,)), (g * n + i) * T + xp.take(prompt, g) + k),
-        "packed_queries": att.queries,
-        "packed_keys": att.keys,
-        "packed_allowed": att.allowed,
-        "packed_output": att.output,
-    }

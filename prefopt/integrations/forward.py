@@ -19,15 +19,11 @@ import torch
 
 import prefopt
 from prefopt.backends.torch import fused_linear_logps
+from prefopt.integrations import warn_once
 from prefopt.integrations.attention import GroupAttention, servable, use_group_attention
-from prefopt.integrations.data import (
-    IGNORE,
-    PACKED,
-    _warn_once,
-    group_loss_and_metrics,
-    pack_groups,
-)
-from prefopt.layout import ResponseAttention
+from prefopt.integrations.data import IGNORE
+from prefopt.integrations.loss import group_loss_and_metrics
+from prefopt.layout import PACKED, ResponseAttention, pack_groups
 from prefopt.losses.registry import spec
 
 __all__ = ["batch_logps", "loss_and_metrics", "precompute_ref_logps", "reference_logps"]
@@ -54,7 +50,7 @@ def batch_logps(
     - ``share_prefix=True`` (default): each group runs as **one** packed sequence, its
       prompt once and every response after it, positions restarting after the prompt
       ([`group_layout`][prefopt.layout.group_layout], packed by the collator:
-      [`pack_groups`][prefopt.integrations.data.pack_groups]). Attention is shared at the
+      [`pack_groups`][prefopt.layout.pack_groups]). Attention is shared at the
       attention level ([`group_attention`][prefopt.integrations.attention.group_attention]):
       no (L, L) mask exists. Each response's log-prob is that of its own sequence (tested to
       1e-5 relative in float32, 1e-10 in float64, values and gradients). The first shared
@@ -147,7 +143,7 @@ def _check_fused(inner: Any) -> bool:
     if head is None:
         return False
     if type(head).forward is not torch.nn.Linear.forward:  # an adapter, a quantised layer
-        _warn_once(
+        warn_once(
             f"batch_logps(fused=True): the output layer is a {type(head).__name__}, not a "
             "plain Linear, so its log-probs are computed from the full logits (fused=False)"
         )
@@ -172,7 +168,7 @@ def _packed(inner: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     # the last dimension of the mask (P + R, or L) bounds how far a query sees back
     why = servable(inner, packed["packed_allowed"].shape[-1]) or use_group_attention(inner)
     if why is not None:
-        _warn_once(f"batch_logps: the shared group attention cannot serve this model ({why}), "
+        warn_once(f"batch_logps: the shared group attention cannot serve this model ({why}), "
                    "so groups run unshared")  # fmt: skip
         return None
     return packed

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 
 import prefopt
-from prefopt.integrations.data import group_loss_and_metrics
+from prefopt.integrations.loss import group_loss_and_metrics
 from prefopt.losses.registry import spec
 
 __all__ = ["loss_and_metrics", "make_train_step"]
