@@ -5,6 +5,8 @@ import math
 
 import pytest
 
+import prefopt.metrics
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -203,6 +205,20 @@ def test_a_list_of_losses_is_their_weighted_sum(tok, tmp_path):
     t.model.train()
     expected = 0.7 * parts[0] + 0.3 * parts[1]
     torch.testing.assert_close(t.compute_loss(t.model, batch), expected)
+    # the metrics are the first loss's, computed once (not once per loss and thrown away)
+    calls = []
+    metrics_fn = prefopt.metrics.group_metrics
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prefopt.metrics, "group_metrics",
+                      lambda *a, **k: calls.append(1) or metrics_fn(*a, **k))  # fmt: skip
+        both = [("sigmoid", 0.7, {"beta": 0.5}), ("hinge", 0.3, {"beta": 0.5})]
+        total, metrics, _ = loss_and_metrics(policy, batch, ref_model=ref, loss=both)
+    assert len(calls) == 1
+    first = loss_and_metrics(policy, batch, ref_model=ref, loss="sigmoid", beta=0.5)[1]
+    assert metrics.keys() == first.keys()
+    for key in first:
+        torch.testing.assert_close(metrics[key], first[key])
+    torch.testing.assert_close(total, expected)
 
 
 # ---- data --------------------------------------------------------------------------------

@@ -307,10 +307,10 @@ def loss_and_metrics(
     total, metrics = None, None
     for name, weight, opts in losses:
         value, found = group_loss_and_metrics(
-            name, logps, ref, batch, lengths, pairs=pairs, options=opts
+            name, logps, ref, batch, lengths, pairs=pairs, options=opts, with_metrics=total is None
         )
         total = weight * value if total is None else total + weight * value
-        metrics = metrics or found
+        metrics = metrics or found  # the first loss's: the metrics use its beta
     return total, metrics, logps
 
 

@@ -23,7 +23,8 @@ def group_loss_and_metrics(
     *,
     pairs: str = "all",
     options: dict[str, Any] | None = None,
-) -> tuple[Any, dict[str, Any]]:
+    with_metrics: bool = True,
+) -> tuple[Any, dict[str, Any] | None]:
     """The training loss of a group batch's log-probs, and its metrics (both integrations).
 
     The PyTorch and JAX ``loss_and_metrics`` compute the log-probs and call this. The loss
@@ -41,9 +42,12 @@ def group_loss_and_metrics(
             ([`LossSpec.uses_lengths`][prefopt.losses.registry.LossSpec.uses_lengths]).
         pairs: ``"all"`` (default) or ``"best_worst"``, for pairwise losses.
         options: Options of the loss; the others keep the loss's defaults.
+        with_metrics: Compute the metrics. Default ``True``; ``False`` (the second and
+            later losses of a weighted sum, whose metrics would be the first one's) gives
+            ``None`` for them.
 
     Returns:
-        ``(loss, metrics)``: a 0-d array and a dict of 0-d arrays.
+        ``(loss, metrics)``: a 0-d array and a dict of 0-d arrays (or ``None``).
     """
     found = spec(loss, "loss_and_metrics")
     options = found.options(options, fn="loss_and_metrics")
@@ -59,6 +63,8 @@ def group_loss_and_metrics(
         pairs=pairs,
         **options,
     )
+    if not with_metrics:
+        return value, None
     per_token = ref_logps is None and found.lengths in ("optional", "required")
     xp = get_namespace(logps)
     metrics = prefopt.metrics.group_metrics(
