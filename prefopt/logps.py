@@ -20,8 +20,10 @@ from prefopt._ops import Array, get_namespace, logsumexp
 
 __all__ = ["causal_lm_logps", "sequence_logps", "shift_labels", "token_logps"]
 
-# Elements of a float32 chunk of logits (256 MiB) when chunk_size is not given.
-_CHUNK_ELEMENTS = 2**26
+# token_logps on half-precision logits: elements of each float32 copy (256 MiB) when
+# chunk_size is not given. (The fused output layer of the trainers chunks by its own rule:
+# prefopt.integrations.forward, 32 MiB of logits and at least 256 rows per chunk.)
+_UPCAST_ELEMENTS = 2**26
 
 
 def _check_labels(fn: str, labels: Array, lead: tuple, vocab: int, ignore_index, xp) -> None:
@@ -122,7 +124,7 @@ def token_logps(
     flat_labels = xp.reshape(labels, (rows,))
     if chunk_size is None:  # chunks bound the float32 copy of half-precision logits only
         whole = dtype == logits.dtype
-        chunk_size = max(rows, 1) if whole else max(_CHUNK_ELEMENTS // max(vocab, 1), 1)
+        chunk_size = max(rows, 1) if whole else max(_UPCAST_ELEMENTS // max(vocab, 1), 1)
     if chunk_size < 1:
         raise ValueError(f"{fn}: chunk_size must be >= 1; got {chunk_size}")
     pieces = [

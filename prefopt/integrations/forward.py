@@ -30,7 +30,7 @@ __all__ = ["batch_logps", "loss_and_metrics", "precompute_ref_logps", "reference
 
 # Rows per output-layer chunk: about 8M logits (32 MiB in float32), and at least 256 rows,
 # below which a GPU matmul of (rows, H) x (H, V) runs far from its speed.
-_CHUNK_ELEMENTS, _CHUNK_ROWS = 2**23, 256
+_FUSED_ELEMENTS, _FUSED_ROWS = 2**23, 256
 _SOFTCAPS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
 
 
@@ -188,7 +188,7 @@ def _token_logps(model, inner, inputs, rows, cols, targets, fused) -> torch.Tens
         logits = model(**inputs, use_cache=False).logits
         return prefopt.token_logps(logits[rows, cols], targets)
     head = inner.get_output_embeddings()
-    chunk = max(_CHUNK_ROWS, _CHUNK_ELEMENTS // head.weight.shape[0])
+    chunk = max(_FUSED_ROWS, _FUSED_ELEMENTS // head.weight.shape[0])
     taken = []
 
     def take(module, args):
