@@ -78,6 +78,9 @@ def test_warnings_for_a_pretrained_run_going_to_pieces():
     assert setting_warnings(Config().resolved(False), False) == []  # the toy's own rate
     watch = _Watch()
     assert watch({"step": 1, "loss": 0.7, "kl": 0.0}, config, True) == []
+    assert watch({"step": 2, "loss": 0.6, "kl": 1.02}, config, True) == []  # 0 is no baseline
+    watch = _Watch()
+    assert watch({"step": 1, "loss": 0.7, "kl": 0.0}, config, True) == []
     assert watch({"step": 2, "loss": 0.6, "kl": 0.02}, config, True) == []
     said = watch({"step": 3, "loss": 0.5, "kl": 40.0}, config, True)
     assert len(said) == 1 and "step 3: the KL to the reference jumped" in said[0]

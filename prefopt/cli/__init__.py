@@ -61,8 +61,9 @@ def parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=("auto", "float32", "bfloat16"),
         default=d.dtype,
-        help="the policy's dtype (default auto: float32, or bfloat16 for a pretrained model "
-        "on a CPU with AMX, where it runs faster)",
+        help="the dtype the run computes in (default auto: float32, or bfloat16 for a "
+        "pretrained model on a CPU with AMX, where it runs faster); weights and Adam state stay "
+        "float32, bfloat16 runs under torch.autocast",
     )
     p.add_argument(
         "--data",
