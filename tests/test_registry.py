@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -108,6 +110,28 @@ def test_uses_lengths_is_what_the_function_does_with_them(rng, name):
             prefopt.batch_loss(name, logps, reference, rewards, lengths=lengths, **call)
         with pytest.raises(ValueError, match="lengths normalise the reference-free variant only"):
             found.fn(logps, reference, rewards, lengths=lengths)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_refuses_groups_is_what_batch_loss_does_on_groups_and_pairs(rng, name):
+    # The one place that decides whether a loss trains on groups of n (the trainers and
+    # prefopt train ask it before any data): its answer is batch_loss's on the data.
+    found = SPECS[name]
+    logps, ref, rewards, lengths = _groups(rng)
+    rewards[1] = [2.0, 1.0, 0.0, 0.0, -1.0]
+    needs = dict(lengths=lengths) if found.lengths in ("required", "chosen") else {}
+    reference = None if found.reference == "none" else ref
+    for n in (5, 2):
+        why = found.refuses_groups(n)
+        arrays = (logps[:, :n], reference[:, :n] if reference is not None else None, rewards[:, :n])
+        options = {k: v[:, :n] for k, v in needs.items()}
+        if why is None:
+            out = prefopt.batch_loss(name, *arrays, **options)
+            assert np.isfinite(out)
+        else:
+            with pytest.raises(ValueError, match=re.escape(why)):
+                prefopt.batch_loss(name, *arrays, **options)
+    assert (found.refuses_groups(None) is None) == (found.refuses_groups(5) is None)
 
 
 @pytest.mark.parametrize("name", ["sigmoid", "simpo"])

@@ -137,10 +137,9 @@ def check(config: Config) -> dict[str, Any]:
         found = spec(config.loss, "--loss")
     except ValueError as err:
         raise UserError(str(err)) from None
-    if found.layout == "unpaired":
-        raise UserError("--loss kto needs unpaired data; prefopt train uses groups or pairs")
-    if found.couples_batch:
-        raise UserError(f"--loss {config.loss} sorts across the batch; it cannot run on groups")
+    why = found.refuses_groups(None)  # sampled groups, or rows of any size
+    if why:
+        raise UserError(f"--loss {config.loss} {why}")
     names = ("responses", "steps", "prompts_per_step", "max_new_tokens", "eval_every", "save_every")
     for name in (*names, "max_length"):
         if getattr(config, name) < 1:

@@ -192,11 +192,10 @@ def trainer_settings(args: Any) -> TrainerSettings:
             )
     found = [spec(name, f"{where}: loss_type") for name in names]
     for s in found:
-        if s.layout == "unpaired":
+        why = s.refuses_groups(2)  # a batch-sorting loss: checked on the data (trainer.py)
+        if why:
             raise ValueError(
-                f"{where}: loss {s.name!r} needs unpaired data (single responses marked "
-                "desirable); the trainer's rows are pairs and groups. Use prefopt.kto_loss "
-                "in your own loop"
+                f"{where}: loss {s.name!r} {why}. Use prefopt.{s.fn.__name__} in your own loop"
             )
     losses = []
     for name, weight, s in zip(names, weights, found):

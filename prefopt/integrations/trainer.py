@@ -187,10 +187,11 @@ class PreferenceTrainer(transformers.Trainer):
             sizes = [len(r["response_ids"]) for r in rows]
             prompts = [r["prompt_ids"] for r in rows]
         for s in self.settings.specs:
-            if s.couples_batch and max(sizes, default=2) > 2:
+            why = s.refuses_groups(max(sizes, default=2))
+            if why:
                 raise ValueError(
-                    f"PreferenceTrainer: loss {s.name!r} sorts across the batch and runs on "
-                    f"pairs only; {name} has groups of up to {max(sizes)} responses"
+                    f"PreferenceTrainer: loss {s.name!r} {why}; {name} has groups of up to "
+                    f"{max(sizes)} responses"
                 )
         long = [i for i, p in enumerate(prompts) if self.truncation.fills(p)]
         if long:

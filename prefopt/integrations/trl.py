@@ -110,16 +110,15 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
         **kwargs: Any,
     ):
         found = spec(loss, f"{WHERE}: loss")
-        if found.layout == "unpaired":
-            raise ValueError(f"{WHERE}: loss {loss!r} needs unpaired data; use a group loss")
+        why = found.refuses_groups(2)  # a batch-sorting loss: checked with num_generations
+        if why:
+            raise ValueError(f"{WHERE}: loss {loss!r} {why}; use a group loss")
         options = dict(found.config(loss_options, fn=WHERE).options)
         if args is not None:
             n, per_device = args.num_generations, args.per_device_train_batch_size
-            if found.couples_batch and n > 2:
-                raise ValueError(
-                    f"{WHERE}: loss {loss!r} sorts across the batch and runs on pairs only; "
-                    f"set num_generations=2 (got {n})"
-                )
+            why = found.refuses_groups(n)
+            if why:
+                raise ValueError(f"{WHERE}: loss {loss!r} {why}; set num_generations=2 (got {n})")
             if per_device % n:
                 fit = -(-per_device // n) * n
                 raise ValueError(

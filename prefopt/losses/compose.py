@@ -336,8 +336,9 @@ def batch_loss(
     fn = "batch_loss"
     found = spec(loss, fn)
     _checks.one_of(fn, "reduction", reduction, REDUCTIONS)
-    if found.layout == "unpaired":
-        raise ValueError(f"{fn}: {loss!r} needs unpaired data, not groups or pairs")
+    why = found.refuses_groups(2)  # a batch-sorting loss: checked on the data below
+    if why:
+        raise ValueError(f"{fn}: {loss!r} {why}")
     options = found.options(options, fn=fn)
     xp = get_namespace(logps, ref_logps, rewards, mask, lengths, xp=xp)
     check_taken(fn, found, ref_logps, lengths)

@@ -136,6 +136,18 @@ class LossSpec:
             return "reference-free" if self.reference == "none" else "pairwise"
         return self.layout
 
+    def refuses_groups(self, n: int | None) -> str | None:
+        """Why the loss cannot train on groups of ``n`` responses, or ``None`` when it can.
+
+        ``n`` ``None``: groups of any size, sampled (a pair may tie). The one place that
+        decides it, for ``batch_loss``, the trainers and ``prefopt train``.
+        """
+        if self.layout == "unpaired":
+            return "needs unpaired data (single responses marked desirable), not groups or pairs"
+        if self.couples_batch and (n is None or n > 2):
+            return "sorts across the batch and runs on pairs only"
+        return None
+
     def uses_lengths(self, reference: bool) -> bool:
         """Whether the loss uses token counts, with (``reference``) or without a reference.
 
