@@ -147,3 +147,40 @@ def test_train_step_takes_a_traced_beta_schedule_and_compiles_once():
     assert scheduled._cache_size() == 1
     with pytest.raises(ValueError, match="mpo_loss: beta must be a finite number > 0; got -1.0"):
         make_train_step(apply_fn, optax.sgd(0.1), loss="mpo", beta=-1.0)
+
+
+def test_train_step_checks_per_call_options_and_batch_keys_in_one_line():
+    # Before: beta=-0.5 per call passed silently (traced), a missing mask was KeyError: 'mask'.
+    optax = pytest.importorskip("optax")
+    from prefopt.integrations.jax import loss_and_metrics, make_train_step
+
+    def apply_fn(params, ids, attention):
+        return jnp.take(params["embed"], ids, axis=0) @ params["out"]
+
+    params = {"embed": jnp.ones((16, 8)) * 0.1, "out": jnp.eye(8, 16)}
+    ids = jnp.arange(30).reshape(2, 3, 5) % 16
+    batch = {"input_ids": ids, "attention_mask": ids * 0 + 1, "labels": ids,
+             "rewards": jnp.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.2]]),
+             "mask": jnp.ones((2, 3), bool)}  # fmt: skip
+    step = make_train_step(apply_fn, optax.sgd(0.1), loss="mpo")
+    state = optax.sgd(0.1).init(params)
+    for beta in (-0.5, jnp.asarray(-0.5)):
+        with pytest.raises(ValueError, match="mpo_loss: beta must be a finite number > 0; got"):
+            step(params, state, batch, beta=beta)
+    with pytest.raises(TypeError, match="make_train_step: step"):
+        step(params, state, batch, tau=1.0)
+    step(params, state, batch, beta=0.2)  # a good value still runs, compiled once
+    assert step._cache_size() == 1 and step.jitted._cache_size() == 1
+    without = {k: v for k, v in batch.items() if k != "mask"}
+    with pytest.raises(ValueError, match="make_train_step: step: the batch has no 'mask'"):
+        step(params, state, without)
+    with pytest.raises(ValueError, match="loss_and_metrics: the batch has no 'mask'"):
+        loss_and_metrics(params, without, apply_fn=apply_fn)
+    wrong = {**batch, "rewards": batch["rewards"][:, :2]}
+    with pytest.raises(
+        ValueError, match=r"batch\['rewards'\] must have shape \(B, n\); got \(2, 2\)"
+    ):
+        step(params, state, wrong)
+    flat = {**batch, "input_ids": ids.reshape(6, 5)}
+    with pytest.raises(ValueError, match=r"batch\['input_ids'\] must have shape \(B, n, T\)"):
+        jax.jit(lambda p, b: loss_and_metrics(p, b, apply_fn=apply_fn)[0])(params, flat)

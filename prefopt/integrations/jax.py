@@ -19,6 +19,35 @@ from prefopt.losses.registry import spec
 
 __all__ = ["loss_and_metrics", "make_train_step"]
 
+# The keys of a group batch and their shapes' names (collate_ids); ref_logps is optional.
+_BATCH = {"input_ids": "B, n, T", "attention_mask": "B, n, T", "labels": "B, n, T",
+         "rewards": "B, n", "mask": "B, n", "ref_logps": "B, n"}  # fmt: skip
+
+
+def _check_batch(fn: str, batch: Any) -> None:
+    """Raise one line naming ``fn`` and the key for a batch key missing or of a wrong shape.
+
+    Shapes are static, so this runs inside ``jit`` too (at trace time).
+    """
+    if not hasattr(batch, "keys"):
+        raise TypeError(f"{fn}: batch must be a dict of arrays (collate_ids); got {type(batch)}")
+    missing = [k for k in _BATCH if k not in batch and k != "ref_logps"]
+    if missing:
+        raise ValueError(
+            f"{fn}: the batch has no {missing[0]!r}; a group batch holds "
+            f"{', '.join(k for k in _BATCH if k != 'ref_logps')} (and optionally ref_logps), "
+            "as collate_ids makes them"
+        )
+    B, n, T = batch["input_ids"].shape if batch["input_ids"].ndim == 3 else (None, None, None)
+    sizes = {"B": B, "n": n, "T": T}
+    for key, names in _BATCH.items():
+        if key not in batch:
+            continue
+        shape = tuple(batch[key].shape)
+        want = tuple(sizes[s] for s in names.split(", "))
+        if B is None or shape != want:
+            raise ValueError(f"{fn}: batch[{key!r}] must have shape ({names}); got {shape}")
+
 
 def loss_and_metrics(
     params: Any,
@@ -62,6 +91,7 @@ def loss_and_metrics(
         >>> (value, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(
         ...     params, batch, apply_fn=apply_fn)
     """
+    _check_batch("loss_and_metrics", batch)
     B, n, T = batch["input_ids"].shape
     logits = apply_fn(
         params,
@@ -95,9 +125,12 @@ def make_train_step(
     Returns:
         ``step(params, opt_state, batch, **schedule) -> (params, opt_state, loss, metrics)``,
         jitted. ``schedule``: numeric options for this step (``beta=schedule(i)``, a
-        number or a 0-d array), traced: a schedule compiles the step once. Given a batch
-        sharded over devices (``shard_batch``) and replicated parameters it runs
-        data-parallel; the result equals the single-device one.
+        number or a 0-d array), traced: a schedule compiles the step once. Each call checks
+        them first, where their values can be read (a number, a concrete array: not inside
+        an outer trace), with the loss's own messages, and checks the batch's keys and
+        shapes. Given a batch sharded over devices (``shard_batch``) and replicated
+        parameters it runs data-parallel; the result equals the single-device one.
+        ``step.jitted`` is the compiled function itself (``lower``, ``_cache_size``).
 
     Examples:
         A beta schedule inside one jitted step (``optax`` schedules are plain functions
@@ -127,11 +160,21 @@ def make_train_step(
     found.config(options, fn="make_train_step")
 
     def step(params, opt_state, batch, **schedule):
-        found.options(schedule, fn="make_train_step: step")
         (value, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(
             params, batch, apply_fn=apply_fn, loss=loss, pairs=pairs, **{**options, **schedule}
         )
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value, metrics
 
-    return jax.jit(step)
+    jitted = jax.jit(step)
+
+    def checked(params, opt_state, batch, **schedule):
+        # a Python number or a concrete array is checked here, before the trace turns it
+        # into a tracer whose value no check can read
+        found.config({**options, **schedule}, fn="make_train_step: step")
+        _check_batch("make_train_step: step", batch)
+        return jitted(params, opt_state, batch, **schedule)
+
+    checked.jitted = jitted
+    checked._cache_size = jitted._cache_size
+    return checked
