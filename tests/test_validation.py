@@ -231,6 +231,10 @@ class TestCatalogue:
                 kw["rejected_lengths"] = f64(4, value=2.0)
         with raises(ValueError, fn.__name__, option, fragment):
             fn(*args, **kw, **{option: value})
+        spec = prefopt.losses.registry.spec(name)
+        if option in spec.defaults:  # an option (kto's kl is an input): its config says alike
+            with raises(ValueError, fn.__name__, option, fragment):
+                spec.config({option: value})
 
     def test_kto_inputs(self):
         with raises(TypeError, "kto_loss", "desirable", "boolean", "float64"):

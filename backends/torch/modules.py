@@ -85,7 +85,7 @@ class PreferenceLoss(torch.nn.Module):
         bound = {**dict(zip(POSITIONAL[found.layout], arrays)), **inputs}
         if found.terms is not None:  # the loss and the groups that count: one split, not two
             args = {"ref_logps": None, **bound, **self.config.options, "xp": torch_xp}
-            loss, kept = found.terms(found.fn.__name__, args)
+            loss, kept = found.terms(found.fn, args)
             return reduce(loss, self.reduction, kept, xp=torch_xp)
         loss = found.fn(*arrays, **inputs, **self._keywords)
         return self.reduce(loss, bound.get("rewards"), bound.get("mask"), bound.get("chosen"))

@@ -346,7 +346,7 @@ def batch_loss(
         if reduction == "mean" and found.terms is not None:  # one split, not two
             arrays = {"logps": logps, "ref_logps": ref_logps, "rewards": rewards, "mask": mask}
             per_group, kept = found.terms(
-                found.fn.__name__, {**arrays, "lengths": lengths, "xp": xp, **options}
+                found.fn, {**arrays, "lengths": lengths, "xp": xp, **options}
             )
             return reduce(per_group, reduction, kept, xp=xp)
         per_group = found.fn(

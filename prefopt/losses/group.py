@@ -227,8 +227,8 @@ def mpo_terms(fn, args) -> tuple[Array, Array]:
 
     ``MPOLoss`` takes ``counted`` from here for its mean instead of splitting again.
     """
-    fn, args = bound(fn, args)
-    g = group_inputs(fn, args)
+    _, args = bound(fn, args)
+    g = group_inputs(fn, args)  # the function with its named arguments
     groups = split(g, g.chosen)
     xp, s = g.xp, g.scores
     if args["weighting"] != "none":

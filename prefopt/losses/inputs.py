@@ -34,12 +34,14 @@ WEIGHTINGS = ("abs", "signed", "squared", "none")
 def bound(fn, args) -> tuple[str, Mapping[str, Any]]:
     """``(name, arguments)`` of a loss's call, named by the loss's signature.
 
-    ``fn`` is the loss and ``args`` its values in order, or already its name and a dict of
-    its arguments (the modules, the metrics).
+    ``fn`` is the loss and ``args`` its values in order, or a dict of its arguments (the
+    modules, ``batch_loss``); or a caller's name and a dict (the metrics).
     """
-    if callable(fn):  # a loss passes every parameter, in order
-        return fn.__name__, dict(zip(_parameters(fn), args, strict=True))
-    return fn, args
+    if not callable(fn):
+        return fn, args
+    if isinstance(args, Mapping):
+        return fn.__name__, args
+    return fn.__name__, dict(zip(_parameters(fn), args, strict=True))  # every parameter, in order
 
 
 @functools.cache
@@ -78,26 +80,37 @@ def _range(low: float, high: float, **open_end: bool):
     return lambda fn, name, v: _checks.in_range(fn, name, v, low, high, **open_end)
 
 
-# The losses whose range for an option is narrower than the common rule, by function name.
-_NARROWER = {
-    "robust_dpo_loss": {"label_smoothing": _range(0.0, 0.5, open_high=True)},  # / (1 - 2 eps)
-    "exo_pair_loss": {"label_smoothing": _range(0.0, 0.5, open_low=True)},  # log(eps)
-    "discopop_loss": {"tau": _range(0.0, 1.0, open_low=True)},  # a bounded exponent: tau <= 1
-}
+def narrower(**ranges: tuple[float, float, dict[str, bool]]):
+    """Give a loss a narrower range for an option than the common rule, where it is defined.
+
+    ``@narrower(tau=(0.0, 1.0, {"open_low": True}))`` above a loss: ``(low, high, open
+    ends)``, checked with the loss's name wherever its options are (its calls, its
+    ``LossConfig``).
+    """
+
+    def mark(loss):
+        loss.option_ranges = {k: _range(low, high, **e) for k, (low, high, e) in ranges.items()}
+        return loss
+
+    return mark
 
 
-def check_options(fn: str, args: Mapping[str, Any]) -> None:
+def check_options(fn, args: Mapping[str, Any]) -> None:
     """Check every option of ``args`` that has a rule (raises naming it).
 
-    ``fn`` is the loss function's name: its message, and its narrower ranges (robust DPO's
-    ``label_smoothing < 0.5``...). A numeric option given as an array is checked where its
-    value can be read (see ``_checks.option``).
+    ``fn`` is the loss function (its name for the message, and its narrower ranges, robust
+    DPO's ``label_smoothing < 0.5``...), or a caller's name. A numeric option given as an
+    array is checked where its value can be read (see ``_checks.option``).
     """
     for name, rule, numeric in _rules(fn, tuple(args))[0]:
         if numeric:
-            _checks.option(fn, name, args[name], rule)
+            _checks.option(_name(fn), name, args[name], rule)
         else:
-            rule(fn, name, args[name])
+            rule(_name(fn), name, args[name])
+
+
+def _name(fn) -> str:
+    return fn if isinstance(fn, str) else fn.__name__
 
 
 def numeric_options(fn: str, args: Mapping[str, Any], dtype, xp: ModuleType) -> dict[str, Any]:
@@ -109,7 +122,7 @@ def numeric_options(fn: str, args: Mapping[str, Any], dtype, xp: ModuleType) -> 
     return out
 
 
-def checked_options(fn: str, args: Mapping[str, Any], dtype, xp: ModuleType) -> dict[str, Any]:
+def checked_options(fn, args: Mapping[str, Any], dtype, xp: ModuleType) -> dict[str, Any]:
     """``check_options`` then ``numeric_options``: the options checked, the numbers returned.
 
     Options that are all plain numbers and strings (the common case) are checked and
@@ -118,9 +131,9 @@ def checked_options(fn: str, args: Mapping[str, Any], dtype, xp: ModuleType) -> 
     rules, names = _rules(fn, tuple(args))
     values = tuple(map(args.__getitem__, names))
     if _PLAIN.issuperset(map(type, values)):
-        return dict(_plain_options(fn, rules, values))
+        return dict(_plain_options(_name(fn), rules, values))
     check_options(fn, args)
-    return numeric_options(fn, args, dtype, xp)
+    return numeric_options(_name(fn), args, dtype, xp)
 
 
 # Eager calls are a hot path: the rules that apply to a loss's arguments, and the check of a
@@ -129,9 +142,9 @@ _PLAIN = frozenset((float, int, str))
 
 
 @functools.cache
-def _rules(fn: str, names: tuple[str, ...]) -> tuple[tuple, tuple[str, ...]]:
+def _rules(fn, names: tuple[str, ...]) -> tuple[tuple, tuple[str, ...]]:
     """The options among ``names`` that have a rule: ``((name, rule, numeric), ...)``, names."""
-    rules = {**_OPTION_CHECKS, **_NARROWER.get(fn, {})}
+    rules = {**_OPTION_CHECKS, **getattr(fn, "option_ranges", {})}
     found = tuple((name, rules[name], name in NUMERIC) for name in names if name in rules)
     return found, tuple(name for name, _, _ in found)
 
@@ -189,6 +202,7 @@ def pair_inputs(fn, args, *, squared: bool = False) -> Pair:
             f-divergence exponent is clipped where that square would overflow.
     """
     lengths = lengths_kind(fn) if callable(fn) else "optional"  # the metrics: optional
+    loss = fn  # the function: its own option ranges (narrower)
     fn, args = bound(fn, args)
     arrays = pair_arrays(
         fn,
@@ -201,7 +215,7 @@ def pair_inputs(fn, args, *, squared: bool = False) -> Pair:
     xp, hw, hl, rw, rl = arrays
     if rw is not None:
         hw, hl = hw - rw, hl - rl
-    options = checked_options(fn, args, hw.dtype, xp)
+    options = checked_options(loss, args, hw.dtype, xp)
     f_divergence = args.get("f_divergence", "reverse_kl")
     if f_divergence != "reverse_kl":
         f_alpha = options["f_alpha"]
@@ -440,6 +454,7 @@ def group_inputs(fn, args) -> Group:
     Groups of no response (n = 0) are one padding slot each: every group loss is then 0
     for them, as for any group without a valid response.
     """
+    loss = fn  # the function: its own option ranges (narrower)
     fn, args = bound(fn, args)
     check_values, chosen = args.get("check_values"), args.get("chosen")
     xp, logps, ref_logps, rewards, mask, lengths = group_arrays(
@@ -452,7 +467,7 @@ def group_inputs(fn, args) -> Group:
         chosen,
         args.get("xp"),
     )
-    options = checked_options(fn, args, logps.dtype, xp)
+    options = checked_options(loss, args, logps.dtype, xp)
     if logps.shape[-1] == 0:  # no response at all: one padding slot, so no empty reduction
         xp, logps, ref_logps, rewards, mask, lengths, chosen = _one_slot(
             xp, logps, ref_logps, rewards, lengths, chosen
@@ -606,11 +621,12 @@ class Unpaired(NamedTuple):
 
 def unpaired_inputs(fn, args) -> Unpaired:
     """Check an unpaired loss's arguments (see ``pair_inputs``); return ``Unpaired``."""
+    loss = fn  # the function: its own option ranges (narrower)
     fn, args = bound(fn, args)
     logps, ref_logps = args["logps"], args["ref_logps"]
     xp = get_namespace(logps, ref_logps, args.get("desirable"), xp=args.get("xp"), fn=fn)
     h = log_ratios(fn, logps, ref_logps, xp)
-    options = checked_options(fn, {"beta": 1.0, **args}, h.dtype, xp)
+    options = checked_options(loss, {"beta": 1.0, **args}, h.dtype, xp)
     return Unpaired(xp, h, options["beta"], options)
 
 

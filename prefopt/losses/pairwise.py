@@ -6,7 +6,14 @@ import math
 from types import ModuleType
 
 from prefopt._ops import Array, log_sigmoid, sigmoid, softplus
-from prefopt.losses.inputs import F_DIVERGENCES, bound, checked_options, pair_arrays, pair_inputs
+from prefopt.losses.inputs import (
+    F_DIVERGENCES,
+    bound,
+    checked_options,
+    narrower,
+    pair_arrays,
+    pair_inputs,
+)
 
 __all__ = ["F_DIVERGENCES"]  # re-exported for the docs of f_divergence
 
@@ -92,6 +99,7 @@ def dpo_loss(
     return smoothed_sigmoid_loss(p.margin(negated=True), p.options["label_smoothing"], p.xp)
 
 
+@narrower(label_smoothing=(0.0, 0.5, {"open_high": True}))  # it divides by 1 - 2 eps
 def robust_dpo_loss(
     chosen_logps: Array,
     rejected_logps: Array,
@@ -246,6 +254,7 @@ def hinge_loss(
     return p.xp.where(z < 1.0, 1.0 - z, 0.0)  # gradient 0 at z = 1 on every backend
 
 
+@narrower(label_smoothing=(0.0, 0.5, {"open_low": True}))  # it takes log(eps)
 def exo_pair_loss(
     chosen_logps: Array,
     rejected_logps: Array,
@@ -553,6 +562,7 @@ def apo_down_loss(
     return sigmoid(p.beta * p.hw, xp=p.xp) + sigmoid(p.margin(negated=True), xp=p.xp)
 
 
+@narrower(tau=(0.0, 1.0, {"open_low": True}))  # a bounded exponent: tau <= 1
 def discopop_loss(
     chosen_logps: Array,
     rejected_logps: Array,
@@ -761,6 +771,6 @@ def aot_loss(
     xp, cw, cl, rw, rl = pair_arrays(
         fn, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp
     )
-    o = checked_options(fn, args, cw.dtype, xp)
+    o = checked_options(aot_loss, args, cw.dtype, xp)
     gap = xp.sort(cw - cl) if rw is None else xp.sort(cw - cl) - xp.sort(rw - rl)
     return smoothed_sigmoid_loss(-(o["beta"] * gap), o["label_smoothing"], xp)

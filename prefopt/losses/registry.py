@@ -199,7 +199,7 @@ class LossSpec:
             ValueError: For a value out of its range.
         """
         options = self.options(given, fn=fn)
-        check_options(self.fn.__name__, options)
+        check_options(self.fn, options)
         return LossConfig(self, MappingProxyType(options))
 
 
