@@ -39,9 +39,9 @@ def bound(fn, args) -> tuple[str, Mapping[str, Any]]:
     """
     if not callable(fn):
         return fn, args
-    if isinstance(args, Mapping):
-        return fn.__name__, args
-    return fn.__name__, dict(zip(_parameters(fn), args, strict=True))  # every parameter, in order
+    if type(args) is tuple:  # a loss passes every parameter, in order
+        return fn.__name__, dict(zip(_parameters(fn), args, strict=True))
+    return fn.__name__, args
 
 
 @functools.cache
