@@ -126,9 +126,9 @@ def test_train_step_runs_cpo_and_rejects_unknown_options():
         make_train_step(apply_fn, optax.sgd(0.1), loss="sigmoid", alpha=1.0)
 
 
-def test_train_step_takes_a_traced_beta_schedule_and_compiles_once():
-    optax = pytest.importorskip("optax")
-    from prefopt.integrations.jax import make_train_step
+def tiny_lm():
+    """A bag-of-embeddings model (V 16) and a batch of 2 groups of 3: ``apply_fn, params,
+    batch, ids``."""
 
     def apply_fn(params, ids, attention):
         return jnp.take(params["embed"], ids, axis=0) @ params["out"]
@@ -138,6 +138,14 @@ def test_train_step_takes_a_traced_beta_schedule_and_compiles_once():
     batch = {"input_ids": ids, "attention_mask": ids * 0 + 1, "labels": ids,
              "rewards": jnp.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.2]]),
              "mask": jnp.ones((2, 3), bool)}  # fmt: skip
+    return apply_fn, params, batch, ids
+
+
+def test_train_step_takes_a_traced_beta_schedule_and_compiles_once():
+    optax = pytest.importorskip("optax")
+    from prefopt.integrations.jax import make_train_step
+
+    apply_fn, params, batch, ids = tiny_lm()
     state = optax.sgd(0.1).init(params)
     scheduled = make_train_step(apply_fn, optax.sgd(0.1), loss="mpo")
     for beta in (0.5, 0.3, 0.1):
@@ -154,14 +162,7 @@ def test_train_step_checks_per_call_options_and_batch_keys_in_one_line():
     optax = pytest.importorskip("optax")
     from prefopt.integrations.jax import loss_and_metrics, make_train_step
 
-    def apply_fn(params, ids, attention):
-        return jnp.take(params["embed"], ids, axis=0) @ params["out"]
-
-    params = {"embed": jnp.ones((16, 8)) * 0.1, "out": jnp.eye(8, 16)}
-    ids = jnp.arange(30).reshape(2, 3, 5) % 16
-    batch = {"input_ids": ids, "attention_mask": ids * 0 + 1, "labels": ids,
-             "rewards": jnp.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.2]]),
-             "mask": jnp.ones((2, 3), bool)}  # fmt: skip
+    apply_fn, params, batch, ids = tiny_lm()
     step = make_train_step(apply_fn, optax.sgd(0.1), loss="mpo")
     state = optax.sgd(0.1).init(params)
     for beta in (-0.5, jnp.asarray(-0.5)):
