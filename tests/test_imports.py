@@ -13,7 +13,7 @@ def modules() -> dict[str, pathlib.Path]:
     found = {}
     for folder, package in (("prefopt", "prefopt"), ("backends", "prefopt.backends")):
         for path in (ROOT / folder).rglob("*.py"):
-            parts = [p for p in path.relative_to(ROOT / folder).with_suffix("").parts]
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
             found[".".join([package, *(p for p in parts if p != "__init__")])] = path
     return found
 

@@ -403,14 +403,13 @@ def run(config: Config) -> list[dict[str, Any]]:
         for step in range(start, config.steps):
             record: dict[str, Any] = {"step": step + 1}
             if rows is None:
-                if step == 0 and heldout:
-                    with amp():
+                with amp():  # sampling
+                    if step == 0 and heldout:
                         record["heldout_reward_start"], shown = evaluate(
                             model, tokenizer, heldout, config, 0, reward
                         )
-                    _completions(out, shown, progress)
-                prompts = [picker.choice(train_prompts) for _ in range(config.prompts_per_step)]
-                with amp():
+                        _completions(out, shown, progress)
+                    prompts = [picker.choice(train_prompts) for _ in range(config.prompts_per_step)]
                     groups = scored(
                         model, tokenizer, prompts, config.responses, config, reward, what
                     )

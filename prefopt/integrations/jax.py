@@ -38,15 +38,13 @@ def _check_batch(fn: str, batch: Any) -> None:
             f"{', '.join(k for k in _BATCH if k != 'ref_logps')} (and optionally ref_logps), "
             "as collate_ids makes them"
         )
-    B, n, T = batch["input_ids"].shape if batch["input_ids"].ndim == 3 else (None, None, None)
-    sizes = {"B": B, "n": n, "T": T}
+    ids = tuple(batch["input_ids"].shape)  # (B, n, T): every other key is its first axes
     for key, names in _BATCH.items():
-        if key not in batch:
-            continue
-        shape = tuple(batch[key].shape)
-        want = tuple(sizes[s] for s in names.split(", "))
-        if B is None or shape != want:
-            raise ValueError(f"{fn}: batch[{key!r}] must have shape ({names}); got {shape}")
+        rank = names.count(",") + 1
+        if key in batch and (len(ids) != 3 or tuple(batch[key].shape) != ids[:rank]):
+            raise ValueError(
+                f"{fn}: batch[{key!r}] must have shape ({names}); got {tuple(batch[key].shape)}"
+            )
 
 
 def loss_and_metrics(
