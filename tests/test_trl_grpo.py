@@ -49,7 +49,8 @@ class Recording(GroupPreferenceGRPOTrainer):
 
 def trainer(tmp_path, cls=Recording, reward=length_reward, model=None, **kw):
     tok = builtin_tokenizer()
-    keys = ("loss", "loss_options", "peft_config", "reward_processing_classes", "rollout_func")
+    keys = ("loss", "loss_options", "pairs", "peft_config", "reward_processing_classes",
+            "rollout_func")  # fmt: skip
     options = {k: kw.pop(k) for k in keys if k in kw}
     return cls(
         model if model is not None else builtin_model(tok, 0), reward_funcs=reward,
@@ -269,3 +270,42 @@ def test_a_group_with_every_completion_masked_counts_for_nothing(tmp_path):
     t.train()
     _, batch, loss = t.seen[0]
     assert batch["mask"].sum(-1).tolist() == [1, 1] and loss == 0.0
+
+
+@pytest.mark.parametrize("pairs", ["best_worst", "all"])
+def test_pairs_chooses_the_pairs_of_a_pairwise_loss(tmp_path, pairs):
+    # the policy moved off its reference before training (at policy = reference every
+    # pairwise loss is log 2, whatever the pairs), and a rate of 0 keeps it there
+    t = trainer(tmp_path, loss="sigmoid", pairs=pairs, learning_rate=0.0)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in t.model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    t.train()
+    _, batch, loss = t.seen[0]
+    with torch.no_grad():
+        h = (batch_logps(t.model, batch)[0] - batch_logps(t.ref_model, batch)[0]).double()
+
+    def dpo(g, w, j):  # written out: DPO's -log sigmoid(beta (h_w - h_l)), beta 0.1
+        return -math.log(1 / (1 + math.exp(-0.1 * float(h[g, w] - h[g, j]))))
+
+    by_pairs = {"best_worst": 0.0, "all": 0.0}
+    for g in range(h.shape[0]):
+        r = batch["rewards"][g].tolist()
+        by_pairs["best_worst"] += dpo(g, r.index(max(r)), r.index(min(r))) / h.shape[0]
+        above = [i for i in range(len(r)) if r[i] > sum(r) / len(r)]
+        below = [i for i in range(len(r)) if i not in above]
+        pairs_all = [dpo(g, w, j) for w in above for j in below]
+        by_pairs["all"] += sum(pairs_all) / len(pairs_all) / h.shape[0]
+    assert abs(by_pairs["best_worst"] - by_pairs["all"]) > 1e-4  # the test can tell them apart
+    assert loss == pytest.approx(by_pairs[pairs], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [({"pairs": "best"}, r"pairs must be 'all' or 'best_worst'"),
+     ({"pairs": "best_worst"}, r"pairs='best_worst' is for a pairwise loss; 'mpo' takes")],
+)  # fmt: skip
+def test_pairs_refusals(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        trainer(tmp_path, **kw)

@@ -35,9 +35,9 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
 
     Takes ``GRPOTrainer``'s arguments unchanged (``model`` or a path, ``reward_funcs``,
     ``args`` a ``GRPOConfig``, datasets, ``processing_class``,
-    ``reward_processing_classes``, ``peft_config``, ``callbacks``...) plus ``loss`` and
-    ``loss_options``. Generation (vLLM or transformers), the reward functions and their
-    weights, and the logging of completions stay TRL's; what changes is the loss:
+    ``reward_processing_classes``, ``peft_config``, ``callbacks``...) plus ``loss``,
+    ``loss_options`` and ``pairs``. Generation (vLLM or transformers), the reward functions
+    and their weights, and the logging of completions stay TRL's; what changes is the loss:
 
     - **What the loss sees.** For the $n$ = ``num_generations`` completions of a prompt:
       their sequence log-probs under the policy and under the reference (completion tokens
@@ -85,13 +85,18 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
             [`group_pairwise_loss`][prefopt.group_pairwise_loss]).
         loss_options: The loss's options, e.g. ``{"beta": 0.1, "alpha": 1.0}``. Default
             ``None``: its defaults.
+        pairs: For a pairwise loss, which pairs of a group it trains on: ``"all"`` (default;
+            every response above the group's mean reward against every one at or below it,
+            averaged) or ``"best_worst"`` (the highest against the lowest reward, as DPO is
+            usually run on scored samples). Refused with a group loss.
         **kwargs: ``GRPOTrainer``'s keyword arguments.
 
     Raises:
         ValueError: An unknown loss, a loss that needs other data (``kto``), or that sorts
             across the batch (``aot``) with more than two generations, a bad option value,
             a per-device batch that is not a multiple of ``num_generations``, multimodal
-            inputs.
+            inputs, ``pairs`` other than ``"all"`` or ``"best_worst"``, or ``"best_worst"``
+            with a group loss.
         TypeError: An option the loss does not take.
 
     Examples:
@@ -107,9 +112,16 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
         *positional: Any,
         loss: str = "mpo",
         loss_options: dict[str, Any] | None = None,
+        pairs: str = "all",
         **kwargs: Any,
     ):
         found = spec(loss, f"{WHERE}: loss")
+        if pairs not in ("all", "best_worst"):
+            raise ValueError(f"{WHERE}: pairs must be 'all' or 'best_worst'; got {pairs!r}")
+        if pairs != "all" and found.kind == "group":
+            raise ValueError(
+                f"{WHERE}: pairs={pairs!r} is for a pairwise loss; {loss!r} takes whole groups"
+            )
         why = found.refuses_groups(2)  # a batch-sorting loss: checked with num_generations
         if why:
             raise ValueError(f"{WHERE}: loss {loss!r} {why}; use a group loss")
@@ -151,6 +163,7 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
                 reference = copy.deepcopy(model)
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
         self.losses = [(loss, 1.0, options)]
+        self.pairs = pairs
         self.collator = PreferenceCollator(self.processing_class)
         if self.ref_model is None and reference is not None:
             if self.args.disable_dropout:
@@ -245,7 +258,7 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
         batch = self._group_batch(inputs)
         with self.accelerator.autocast():
             loss, metrics, _ = loss_and_metrics(
-                model, batch, ref_model=self.ref_model, loss=self.losses
+                model, batch, ref_model=self.ref_model, loss=self.losses, pairs=self.pairs
             )
         mode = "train" if self.model.training else "eval"
         values = torch.stack([metrics[k].detach().float() for k in sorted(metrics)])
