@@ -9,6 +9,7 @@ import prefopt
 
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
+from jax.extend.core import jaxprs_in_params  # noqa: E402
 from prefopt.backends.jax import shard_batch, stop_gradient  # noqa: E402
 
 
@@ -185,3 +186,108 @@ def test_train_step_checks_per_call_options_and_batch_keys_in_one_line():
     flat = {**batch, "input_ids": ids.reshape(6, 5)}
     with pytest.raises(ValueError, match=r"batch\['input_ids'\] must have shape \(B, n, T\)"):
         jax.jit(lambda p, b: loss_and_metrics(p, b, apply_fn=apply_fn)[0])(params, flat)
+
+
+def _shapes(jaxpr) -> set:
+    """Every intermediate shape of a jaxpr, nested calls included."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        found |= {tuple(v.aval.shape) for v in eqn.outvars}
+        for sub in jaxprs_in_params(eqn.params):
+            found |= _shapes(sub)
+    return found
+
+
+def test_train_step_computes_the_reference_from_ref_params():
+    optax = pytest.importorskip("optax")
+    from prefopt.integrations.jax import loss_and_metrics, make_train_step
+
+    apply_fn, start, batch, ids = tiny_lm()
+    params = jax.tree.map(lambda p: p + 0.05 * jnp.sin(jnp.arange(p.size).reshape(p.shape)), start)
+    # the reference log-probs written out: log-softmax of embed[ids] @ out, next tokens summed
+    embed, out = np.asarray(start["embed"], np.float64), np.asarray(start["out"], np.float64)
+    ref = np.zeros((2, 3))
+    for b, i in np.ndindex(2, 3):
+        seq = np.asarray(ids[b, i])
+        for t in range(len(seq) - 1):
+            z = embed[seq[t]] @ out
+            ref[b, i] += z[seq[t + 1]] - np.log(np.exp(z - z.max()).sum()) - z.max()
+    given = {**batch, "ref_logps": jnp.asarray(ref, jnp.float32)}
+    sgd = optax.sgd(0.1)
+    step = make_train_step(apply_fn, sgd, loss="mpo")
+    a = step(params, sgd.init(params), batch, ref_params=start)
+    b = step(params, sgd.init(params), given)
+    assert float(a[2]) == pytest.approx(float(b[2]), rel=1e-5)
+    for x, y in zip(jax.tree.leaves(a[0]), jax.tree.leaves(b[0])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+    # no gradient reaches the reference
+    grads = jax.grad(lambda r: loss_and_metrics(params, batch, apply_fn=apply_fn, ref_params=r)[0])(
+        start
+    )
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads))
+    with pytest.raises(ValueError, match=r"make_train_step: step: two references"):
+        step(params, sgd.init(params), given, ref_params=start)
+
+
+def test_train_step_fused_output_layer_equals_logits_without_the_logits():
+    optax = pytest.importorskip("optax")
+    from prefopt.integrations.jax import loss_and_metrics, make_train_step
+
+    apply_fn, params, batch, ids = tiny_lm()
+
+    def hidden_fn(params, ids, attention):  # the last hidden states and the (V, H) matrix
+        return jnp.take(params["embed"], ids, axis=0), params["out"].T
+
+    for dtype, tol in ((jnp.float64, 1e-10), (jnp.float32, 1e-5)):
+        p = jax.tree.map(lambda x: x.astype(dtype), params)
+        start = jax.tree.map(lambda x: x * 0.9, p)
+        sgd = optax.sgd(0.1)
+        plain = make_train_step(apply_fn, sgd, loss="mpo")(p, sgd.init(p), batch, ref_params=start)
+        fused = make_train_step(hidden_fn, sgd, loss="mpo")(p, sgd.init(p), batch, ref_params=start)
+        assert float(fused[2]) == pytest.approx(float(plain[2]), rel=tol)
+        for x, y in zip(jax.tree.leaves(fused[0]), jax.tree.leaves(plain[0])):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
+    # the logits path forms the (B·n, T, V) logits; the fused one never does
+    logits = (6, 5, 16)
+    for fn, present in ((apply_fn, True), (hidden_fn, False)):
+        traced = jax.make_jaxpr(
+            jax.grad(lambda q: loss_and_metrics(q, batch, apply_fn=fn, ref_params=params)[0])
+        )(params)
+        assert (logits in _shapes(traced.jaxpr)) is present
+
+
+def test_bucket_padding_bounds_the_compiles_and_changes_no_value():
+    # collate_ids pads to each batch's longest row: T 7 then 10 compiled the step twice
+    optax = pytest.importorskip("optax")
+    from prefopt.integrations.data import collate_ids
+    from prefopt.integrations.jax import make_train_step
+
+    def apply_fn(params, ids, attention):  # each position sees the mean of its prefix
+        e = params["embed"][ids] * attention[..., None]
+        prefix = jnp.cumsum(e, axis=1) / jnp.cumsum(attention, axis=1)[..., None].clip(1)
+        return jnp.tanh(prefix) @ params["out"]
+
+    r = np.random.default_rng(0)
+    params = {
+        "embed": jnp.asarray(r.normal(size=(16, 8))),
+        "out": jnp.asarray(r.normal(size=(8, 16))),
+    }
+    ragged = [
+        [([1, 2, 3], [[4, 5], [6], [7, 8, 9, 10]], [0.9, 0.1, 0.5])],  # T 7
+        [([3, 2], [[5], [5, 5, 6, 7, 8, 9, 1, 2], [4]], [0.0, 1.0, 0.3])],  # T 10
+    ]
+    sgd = optax.sgd(0.1)
+    counts = {}
+    for bucket in (None, 16):
+        step = make_train_step(apply_fn, sgd, loss="mpo")
+        values = []
+        for groups in ragged:
+            arrays = collate_ids(groups, pad_id=0, pad_to_multiple_of=bucket)
+            batch = {k: jnp.asarray(v) for k, v in arrays.items()}
+            values.append(float(step(params, sgd.init(params), batch, ref_params=params)[2]))
+        counts[bucket] = (step._cache_size(), values)
+    assert counts[None][0] == 2 and counts[16][0] == 1
+    np.testing.assert_allclose(counts[16][1], counts[None][1], rtol=1e-12)  # padding leaks not
+    assert collate_ids(ragged[1], pad_id=0, pad_to_multiple_of=4)["input_ids"].shape == (1, 3, 12)
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be an int >= 1; got 0"):
+        collate_ids(ragged[0], pad_id=0, pad_to_multiple_of=0)

@@ -296,6 +296,7 @@ def collate_ids(
     truncation: Truncation | None = None,
     ref_logps: Sequence[Sequence[float]] | None = None,
     label_masks: Sequence[Sequence[Sequence[int]]] | None = None,
+    pad_to_multiple_of: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Pad token-id groups ``(prompt_ids, [response_ids...], rewards)`` into NumPy arrays.
 
@@ -309,6 +310,11 @@ def collate_ids(
             token's log-prob counts, 0 where the token is context only (a tool's result in
             a multi-turn completion: the model reads it but did not write it). Default
             ``None``: every response token counts.
+        pad_to_multiple_of: Round the padded length T up to a multiple of it (a bucket),
+            so that a jitted step sees few distinct shapes and compiles a bounded number of
+            times (at most ``max_length / pad_to_multiple_of``). Default ``None``: T is the
+            batch's longest sequence. The extra positions are padding: no label, no
+            attention, no effect on any log-prob.
 
     Returns:
         ``input_ids``, ``attention_mask``, ``labels`` (B, n, T) int64 (labels -100 on
@@ -321,6 +327,9 @@ def collate_ids(
     """
     if not groups:
         raise ValueError("collate_ids: no groups to collate (an empty batch)")
+    bucket = pad_to_multiple_of
+    if bucket is not None and (type(bucket) is not int or bucket < 1):
+        raise ValueError(f"collate_ids: pad_to_multiple_of must be an int >= 1; got {bucket!r}")
     cut = truncation or Truncation()
     seqs, flags = [], []
     for b, (prompt, responses, _) in enumerate(groups):
@@ -343,6 +352,8 @@ def collate_ids(
                 )
     B, n = len(groups), max(len(g[1]) for g in groups)
     T = max(len(p) + len(r) for group in seqs for p, r in group)
+    if bucket:
+        T = -(-T // bucket) * bucket
     input_ids = np.full((B, n, T), pad_id, dtype=np.int64)
     attention = np.zeros((B, n, T), dtype=np.int64)
     labels = np.full((B, n, T), IGNORE, dtype=np.int64)

@@ -4,6 +4,14 @@ Batches are dicts of arrays as :func:`prefopt.integrations.data.collate_ids` mak
 ``input_ids``, ``attention_mask`` and ``labels`` (B, n, T), ``rewards`` and ``mask``
 (B, n), and optionally ``ref_logps`` (B, n). Under data parallelism shard them over the
 batch axis only (``prefopt.backends.jax.shard_batch``): a group must stay on one device.
+
+The model is a function ``apply_fn(params, input_ids, attention_mask)`` of the B·n
+flattened sequences, returning either their logits (B·n, T, V) or the pair ``(hidden,
+weight)``: the last hidden states (B·n, T, H) and the output matrix (V, H). With the pair
+the log-probs come from the fused output layer
+([`fused_linear_logps`][prefopt.backends.jax.fused_linear_logps]) and no (B·n, T, V)
+logits tensor exists, forward or backward (a Flax ``nnx.Linear`` head holds its kernel as
+(H, V): return ``kernel.T``).
 """
 
 from __future__ import annotations
@@ -14,23 +22,30 @@ from typing import Any
 import jax
 
 import prefopt
+from prefopt.backends.jax import fused_linear_logps
 from prefopt.integrations.loss import group_loss_and_metrics
 from prefopt.losses.registry import spec
 
-__all__ = ["loss_and_metrics", "make_train_step"]
+__all__ = ["loss_and_metrics", "make_train_step", "sequence_logps"]
 
 # The keys of a group batch and their shapes' names (collate_ids); ref_logps is optional.
 _BATCH = {"input_ids": "B, n, T", "attention_mask": "B, n, T", "labels": "B, n, T",
          "rewards": "B, n", "mask": "B, n", "ref_logps": "B, n"}  # fmt: skip
 
 
-def _check_batch(fn: str, batch: Any) -> None:
+def _check_batch(fn: str, batch: Any, with_ref_params: bool = False) -> None:
     """Raise one line naming ``fn`` and the key for a batch key missing or of a wrong shape.
 
-    Shapes are static, so this runs inside ``jit`` too (at trace time).
+    Shapes are static, so this runs inside ``jit`` too (at trace time). A batch with
+    ``ref_logps`` and ``ref_params`` given too is refused: two references.
     """
     if not hasattr(batch, "keys"):
         raise TypeError(f"{fn}: batch must be a dict of arrays (collate_ids); got {type(batch)}")
+    if with_ref_params and "ref_logps" in batch:
+        raise ValueError(
+            f"{fn}: two references: batch['ref_logps'] and ref_params; drop one (ref_params "
+            "computes the reference log-probs in the step)"
+        )
     missing = [k for k in _BATCH if k not in batch and k != "ref_logps"]
     if missing:
         raise ValueError(
@@ -47,28 +62,60 @@ def _check_batch(fn: str, batch: Any) -> None:
             )
 
 
+def sequence_logps(
+    apply_fn: Callable[[Any, Any, Any], Any], params: Any, batch: dict[str, Any]
+) -> tuple[Any, Any]:
+    """Summed response log-probs (B, n) and response lengths (B, n) of a group batch.
+
+    Prompt and padding tokens carry label -100 and count for nothing. ``apply_fn`` returns
+    logits or ``(hidden, weight)`` (the fused output layer; see the module docstring).
+    """
+    B, n, T = batch["input_ids"].shape
+    out = apply_fn(
+        params,
+        batch["input_ids"].reshape(B * n, T),
+        batch["attention_mask"].reshape(B * n, T),
+    )
+    labels = batch["labels"].reshape(B * n, T)
+    if isinstance(out, tuple):
+        hidden, weight = out
+        shifted = prefopt.shift_labels(labels)
+        tokens = fused_linear_logps(hidden, weight, shifted)
+        logps, lengths = prefopt.sequence_logps(tokens, shifted != -100)
+    else:
+        logps, lengths = prefopt.causal_lm_logps(out, labels)
+    return logps.reshape(B, n), lengths.reshape(B, n)
+
+
 def loss_and_metrics(
     params: Any,
     batch: dict[str, Any],
     *,
     apply_fn: Callable[[Any, Any, Any], Any],
+    ref_params: Any = None,
     loss: str = "mpo",
     pairs: str = "all",
     **options: Any,
 ) -> tuple[Any, dict[str, Any]]:
     r"""The training loss of a group batch and its metrics, for ``jax.value_and_grad``.
 
-    ``apply_fn(params, input_ids, attention_mask)`` returns the logits (B·n, T, V) of the
-    B·n flattened sequences. Their response log-probs (prompt and padding tokens carry label
-    -100 and count for nothing) go to [`prefopt.batch_loss`][prefopt.batch_loss]: the
+    ``apply_fn(params, input_ids, attention_mask)`` runs the model on the B·n flattened
+    sequences and returns their logits, or ``(hidden, weight)`` for the fused output layer
+    (see the module docstring). Their response log-probs (prompt and padding tokens carry
+    label -100 and count for nothing) go to [`prefopt.batch_loss`][prefopt.batch_loss]: the
     mean over groups $\frac{1}{B}\sum_b \ell_b$, whose gradient is the same however the
-    batch is split over devices. The reference log-probs come from ``batch["ref_logps"]``
-    (precomputed) or are left out (reference-free).
+    batch is split over devices. The reference log-probs are the same model's under
+    ``ref_params`` (under ``jax.lax.stop_gradient``: no gradient reaches them), or come
+    from ``batch["ref_logps"]`` (precomputed), or are left out (reference-free).
 
     Args:
         params: The model parameters (a pytree).
         batch: The group batch (see the module docstring).
-        apply_fn: ``(params, input_ids, attention_mask) -> logits``.
+        apply_fn: ``(params, input_ids, attention_mask) -> logits`` or ``-> (hidden,
+            weight)``.
+        ref_params: The reference parameters (a pytree for ``apply_fn``, e.g. the
+            starting ones), or ``None`` (default): ``batch["ref_logps"]`` if there, else
+            none.
         loss: A registered loss name. Default ``"mpo"``.
         pairs: ``"all"`` (default) or ``"best_worst"``, for pairwise losses.
         **options: Options of the loss (``beta``, ``alpha``...).
@@ -89,18 +136,12 @@ def loss_and_metrics(
         >>> (value, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(
         ...     params, batch, apply_fn=apply_fn)
     """
-    _check_batch("loss_and_metrics", batch)
-    B, n, T = batch["input_ids"].shape
-    logits = apply_fn(
-        params,
-        batch["input_ids"].reshape(B * n, T),
-        batch["attention_mask"].reshape(B * n, T),
-    )
-    logps, lengths = prefopt.causal_lm_logps(logits, batch["labels"].reshape(B * n, T))
-    logps, lengths = logps.reshape(B, n), lengths.reshape(B, n)
-    return group_loss_and_metrics(
-        loss, logps, batch.get("ref_logps"), batch, lengths, pairs=pairs, options=options
-    )
+    _check_batch("loss_and_metrics", batch, ref_params is not None)
+    logps, lengths = sequence_logps(apply_fn, params, batch)
+    ref = batch.get("ref_logps")
+    if ref_params is not None:
+        ref = jax.lax.stop_gradient(sequence_logps(apply_fn, ref_params, batch)[0])
+    return group_loss_and_metrics(loss, logps, ref, batch, lengths, pairs=pairs, options=options)
 
 
 def make_train_step(
@@ -114,15 +155,20 @@ def make_train_step(
     """A jitted optax train step on group batches.
 
     Args:
-        apply_fn: ``(params, input_ids, attention_mask) -> logits``.
+        apply_fn: ``(params, input_ids, attention_mask) -> logits``, or ``-> (hidden,
+            weight)`` for the fused output layer (see the module docstring).
         optimizer: An ``optax.GradientTransformation``.
         loss: A registered loss name. Default ``"mpo"``.
         pairs: ``"all"`` (default) or ``"best_worst"``, for pairwise losses.
         **options: Options of the loss (checked here, with the loss's own messages).
 
     Returns:
-        ``step(params, opt_state, batch, **schedule) -> (params, opt_state, loss, metrics)``,
-        jitted. ``schedule``: numeric options for this step (``beta=schedule(i)``, a
+        ``step(params, opt_state, batch, ref_params=None, **schedule) -> (params,
+        opt_state, loss, metrics)``, jitted. ``ref_params``: the reference's parameters
+        (e.g. the starting ones), whose log-probs the step computes itself, with no
+        gradient; ``None``: ``batch["ref_logps"]`` or reference-free, as in
+        [`loss_and_metrics`][prefopt.integrations.jax.loss_and_metrics]. ``schedule``:
+        numeric options for this step (``beta=schedule(i)``, a
         number or a 0-d array), traced: a schedule compiles the step once. Each call checks
         them first, where their values can be read (a number, a concrete array: not inside
         an outer trace), with the loss's own messages, and checks the batch's keys and
@@ -157,21 +203,22 @@ def make_train_step(
     found = spec(loss, "make_train_step")
     found.config(options, fn="make_train_step")
 
-    def step(params, opt_state, batch, **schedule):
+    def step(params, opt_state, batch, ref_params=None, **schedule):
         (value, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(
-            params, batch, apply_fn=apply_fn, loss=loss, pairs=pairs, **{**options, **schedule}
-        )
+            params, batch, apply_fn=apply_fn, ref_params=ref_params, loss=loss, pairs=pairs,
+            **{**options, **schedule},
+        )  # fmt: skip
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value, metrics
 
     jitted = jax.jit(step)
 
-    def checked(params, opt_state, batch, **schedule):
+    def checked(params, opt_state, batch, ref_params=None, **schedule):
         # a Python number or a concrete array is checked here, before the trace turns it
         # into a tracer whose value no check can read
         found.config({**options, **schedule}, fn="make_train_step: step")
-        _check_batch("make_train_step: step", batch)
-        return jitted(params, opt_state, batch, **schedule)
+        _check_batch("make_train_step: step", batch, ref_params is not None)
+        return jitted(params, opt_state, batch, ref_params, **schedule)
 
     checked.jitted = jitted
     checked._cache_size = jitted._cache_size
