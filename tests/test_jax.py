@@ -291,3 +291,56 @@ def test_bucket_padding_bounds_the_compiles_and_changes_no_value():
     assert collate_ids(ragged[1], pad_id=0, pad_to_multiple_of=4)["input_ids"].shape == (1, 3, 12)
     with pytest.raises(ValueError, match="pad_to_multiple_of must be an int >= 1; got 0"):
         collate_ids(ragged[0], pad_id=0, pad_to_multiple_of=0)
+
+
+def test_checks_true_raises_the_eager_messages_from_inside_the_compiled_step():
+    # Under jit these passed silently: NaN rewards (a NaN loss), labels >= V, a traced beta
+    optax = pytest.importorskip("optax")
+    from prefopt.integrations.jax import make_train_step
+
+    apply_fn, params, batch, ids = tiny_lm()
+    sgd = optax.sgd(0.1)
+    state = sgd.init(params)
+    step = make_train_step(apply_fn, sgd, loss="mpo", checks=True)
+    step(params, state, batch)  # clean data runs
+    nan = {**batch, "rewards": batch["rewards"].at[1, 2].set(jnp.nan)}
+    with pytest.raises(Exception, match=r"mpo_loss: rewards must be finite where mask is true"):
+        step(params, state, nan)
+    masked = {**nan, "mask": batch["mask"].at[1, 2].set(False)}  # a padded slot may hold NaN
+    assert np.isfinite(float(step(params, state, masked)[2]))
+    wide = {**batch, "labels": batch["labels"].at[0, 1, 3].set(16)}
+    with pytest.raises(Exception, match=r"labels must lie in \[0, 16\) .* got 1 label\(s\)"):
+        step(params, state, wide)
+    unchecked = make_train_step(apply_fn, sgd, loss="mpo")  # the default: no word of it
+    assert not np.isfinite(float(unchecked(params, state, nan)[2]))
+
+    # an option computed inside the user's own compiled code is traced when the loss sees
+    # it: the make_train_step check cannot read it, checkify can
+    from jax.experimental import checkify
+
+    from prefopt.integrations.jax import loss_and_metrics
+
+    def user_loop(params, scale, loss, option):
+        total = 0.0
+        for i in range(2):  # the second value is out of range
+            value = (
+                scale * (0.1 + 0.4 * i) if option == "label_smoothing" else scale * (0.1 - 0.2 * i)
+            )
+            options = {option: value}
+            total += loss_and_metrics(
+                params, batch, apply_fn=apply_fn, checks=True, loss=loss, **options
+            )[0]
+        return total
+
+    for loss, option, message in (
+        ("mpo", "beta", r"mpo_loss: beta must be a finite number > 0; got -0.1"),
+        (
+            "robust",
+            "label_smoothing",
+            r"robust_dpo_loss: label_smoothing must lie in \[0.0, 0.5\); got 0.5",
+        ),
+    ):
+        run = jax.jit(checkify.checkify(functools.partial(user_loop, loss=loss, option=option)))
+        error, _ = run(params, jnp.asarray(1.0))
+        with pytest.raises(Exception, match=message):
+            error.throw()

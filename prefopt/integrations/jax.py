@@ -16,14 +16,19 @@ logits tensor exists, forward or backward (a Flax ``nnx.Linear`` head holds its 
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 import prefopt
+from prefopt import _checks
 from prefopt.backends.jax import fused_linear_logps
 from prefopt.integrations.loss import group_loss_and_metrics
+from prefopt.losses.inputs import option_rules
 from prefopt.losses.registry import spec
 
 __all__ = ["loss_and_metrics", "make_train_step", "sequence_logps"]
@@ -63,12 +68,19 @@ def _check_batch(fn: str, batch: Any, with_ref_params: bool = False) -> None:
 
 
 def sequence_logps(
-    apply_fn: Callable[[Any, Any, Any], Any], params: Any, batch: dict[str, Any]
+    apply_fn: Callable[[Any, Any, Any], Any],
+    params: Any,
+    batch: dict[str, Any],
+    *,
+    checks: bool = False,
 ) -> tuple[Any, Any]:
     """Summed response log-probs (B, n) and response lengths (B, n) of a group batch.
 
     Prompt and padding tokens carry label -100 and count for nothing. ``apply_fn`` returns
     logits or ``(hidden, weight)`` (the fused output layer; see the module docstring).
+    ``checks=True`` places a ``checkify`` check that every label is -100 or in [0, V) (see
+    [`make_train_step`][prefopt.integrations.jax.make_train_step]); only inside a function
+    that ``jax.experimental.checkify.checkify`` transforms.
     """
     B, n, T = batch["input_ids"].shape
     out = apply_fn(
@@ -77,6 +89,17 @@ def sequence_logps(
         batch["attention_mask"].reshape(B * n, T),
     )
     labels = batch["labels"].reshape(B * n, T)
+    if checks:
+        from jax.experimental import checkify
+
+        vocab = out[1].shape[0] if isinstance(out, tuple) else out.shape[-1]
+        bad = jnp.sum((labels != -100) & ((labels < 0) | (labels >= vocab)))
+        checkify.check(
+            bad == 0,
+            f"loss_and_metrics: labels must lie in [0, {vocab}) or equal ignore_index=-100; "
+            "got {} label(s) outside",
+            bad,
+        )
     if isinstance(out, tuple):
         hidden, weight = out
         shifted = prefopt.shift_labels(labels)
@@ -95,6 +118,7 @@ def loss_and_metrics(
     ref_params: Any = None,
     loss: str = "mpo",
     pairs: str = "all",
+    checks: bool = False,
     **options: Any,
 ) -> tuple[Any, dict[str, Any]]:
     r"""The training loss of a group batch and its metrics, for ``jax.value_and_grad``.
@@ -118,6 +142,10 @@ def loss_and_metrics(
             none.
         loss: A registered loss name. Default ``"mpo"``.
         pairs: ``"all"`` (default) or ``"best_worst"``, for pairwise losses.
+        checks: Place ``checkify`` checks of the values a trace cannot read (see
+            [`make_train_step`][prefopt.integrations.jax.make_train_step]); only inside a
+            function that ``jax.experimental.checkify.checkify`` transforms. Default
+            ``False``.
         **options: Options of the loss (``beta``, ``alpha``...).
 
     Returns:
@@ -137,11 +165,52 @@ def loss_and_metrics(
         ...     params, batch, apply_fn=apply_fn)
     """
     _check_batch("loss_and_metrics", batch, ref_params is not None)
-    logps, lengths = sequence_logps(apply_fn, params, batch)
+    if checks:
+        _value_checks(loss, batch, options)
+    logps, lengths = sequence_logps(apply_fn, params, batch, checks=checks)
     ref = batch.get("ref_logps")
     if ref_params is not None:
         ref = jax.lax.stop_gradient(sequence_logps(apply_fn, ref_params, batch)[0])
     return group_loss_and_metrics(loss, logps, ref, batch, lengths, pairs=pairs, options=options)
+
+
+def _value_checks(loss: str, batch: dict[str, Any], options: dict[str, Any]) -> None:
+    """``checkify`` checks of what only values tell, with the eager messages.
+
+    Finite rewards, and the traced numeric options (a number was checked before the trace).
+    """
+    from jax.experimental import checkify
+
+    fn = spec(loss, "loss_and_metrics").fn
+    bad = jnp.sum(jnp.any(batch["mask"] & ~jnp.isfinite(batch["rewards"]), axis=-1))
+    checkify.check(
+        bad == 0,
+        f"{fn.__name__}: rewards must be finite where mask is true; "
+        "got NaN or infinite rewards in {} group(s)",
+        bad,
+    )
+    for name, rule, numeric in option_rules(fn, options):
+        value = options[name]
+        if numeric and not isinstance(value, (int, float)):
+            holds, needs = _traced_rule(rule, jnp.asarray(value))
+            checkify.check(holds, f"{fn.__name__}: {name} must {needs}; got {{}}", value)
+
+
+def _traced_rule(rule: Any, v: Any) -> tuple[Any, str]:
+    """A numeric option's rule (see ``option_rules``) on a traced value: (holds, wording)."""
+    if rule is _checks.positive:
+        return (v > 0) & (v < math.inf), "be a finite number > 0"
+    if rule is _checks.non_negative:
+        return (v >= 0) & (v < math.inf), "be a finite number >= 0"
+    if rule is _checks.finite:
+        return jnp.isfinite(v), "be a finite number"
+    assert isinstance(rule, functools.partial) and rule.func is _checks.in_range, rule
+    low, high, ends = rule.keywords["low"], rule.keywords["high"], rule.keywords
+    above = v > low if ends.get("open_low") else v >= low
+    below = v < high if ends.get("open_high") else v <= high
+    left, right = "(" if ends.get("open_low") else "[", ")" if ends.get("open_high") else "]"
+    interval = f"{left}{low}, {high}{right}"
+    return above & below, f"lie in {interval}"
 
 
 def make_train_step(
@@ -150,6 +219,7 @@ def make_train_step(
     *,
     loss: str = "mpo",
     pairs: str = "all",
+    checks: bool = False,
     **options: Any,
 ) -> Callable:
     """A jitted optax train step on group batches.
@@ -160,6 +230,12 @@ def make_train_step(
         optimizer: An ``optax.GradientTransformation``.
         loss: A registered loss name. Default ``"mpo"``.
         pairs: ``"all"`` (default) or ``"best_worst"``, for pairwise losses.
+        checks: Check inside the compiled step what only values tell, with the eager
+            messages: NaN or infinite rewards, labels outside [0, V), a traced option out
+            of its range (``jax.experimental.checkify``); the step raises after it runs.
+            Default ``False``: unchecked inside the trace (a NaN reward gives a NaN loss).
+            The checks cost a little compute and one host read per step: a mode for
+            debugging or for data you do not trust.
         **options: Options of the loss (checked here, with the loss's own messages).
 
     Returns:
@@ -206,20 +282,37 @@ def make_train_step(
     def step(params, opt_state, batch, ref_params=None, **schedule):
         (value, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(
             params, batch, apply_fn=apply_fn, ref_params=ref_params, loss=loss, pairs=pairs,
-            **{**options, **schedule},
+            checks=checks, **{**options, **schedule},
         )  # fmt: skip
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value, metrics
 
-    jitted = jax.jit(step)
+    if checks:
+        from jax.experimental import checkify
+
+        jitted = jax.jit(checkify.checkify(step, errors=checkify.user_checks))
+        run = _throwing(jitted)
+    else:
+        jitted = run = jax.jit(step)
 
     def checked(params, opt_state, batch, ref_params=None, **schedule):
         # a Python number or a concrete array is checked here, before the trace turns it
         # into a tracer whose value no check can read
         found.config({**options, **schedule}, fn="make_train_step: step")
         _check_batch("make_train_step: step", batch, ref_params is not None)
-        return jitted(params, opt_state, batch, ref_params, **schedule)
+        return run(params, opt_state, batch, ref_params, **schedule)
 
     checked.jitted = jitted
     checked._cache_size = jitted._cache_size
     return checked
+
+
+def _throwing(checked: Callable) -> Callable:
+    """Call a checkified function; raise its first failed check, else return its result."""
+
+    def run(*args, **kwargs):
+        error, out = checked(*args, **kwargs)
+        error.throw()
+        return out
+
+    return run

@@ -60,7 +60,7 @@ _OPTION_CHECKS = {
     "cpo_alpha": _checks.non_negative,
     "desirable_weight": _checks.non_negative,
     "undesirable_weight": _checks.non_negative,
-    "label_smoothing": lambda fn, name, v: _checks.in_range(fn, name, v, 0.0, 0.5),
+    "label_smoothing": functools.partial(_checks.in_range, low=0.0, high=0.5),
     "delta": _checks.finite,
     "f_divergence": lambda fn, name, v: _checks.one_of(fn, name, v, F_DIVERGENCES),
     "weighting": lambda fn, name, v: _checks.one_of(fn, name, v, WEIGHTINGS),
@@ -77,7 +77,8 @@ NUMERIC = frozenset(
 
 
 def _range(low: float, high: float, **open_end: bool):
-    return lambda fn, name, v: _checks.in_range(fn, name, v, low, high, **open_end)
+    # a partial, not a lambda: the JAX step's traced checks read its bounds
+    return functools.partial(_checks.in_range, low=low, high=high, **open_end)
 
 
 def narrower(**ranges: tuple[float, float, dict[str, bool]]):
@@ -139,6 +140,16 @@ def checked_options(fn, args: Mapping[str, Any], dtype, xp: ModuleType) -> dict[
 # Eager calls are a hot path: the rules that apply to a loss's arguments, and the check of a
 # set of plain values, are memoised (functools caches, which torch.compile traces through).
 _PLAIN = frozenset((float, int, str))
+
+
+def option_rules(fn, names) -> tuple[tuple[str, Any, bool], ...]:
+    """``(name, rule, numeric)`` for each of ``names`` that has a check, for loss ``fn``.
+
+    A rule is ``rule(fn_name, name, value)`` raising for a bad value: one of
+    ``_checks.positive``, ``non_negative``, ``finite``, ``one_of`` (a lambda) or a partial
+    of ``_checks.in_range`` with its bounds.
+    """
+    return _rules(fn, tuple(names))[0]
 
 
 @functools.cache
