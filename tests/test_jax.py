@@ -344,3 +344,44 @@ def test_checks_true_raises_the_eager_messages_from_inside_the_compiled_step():
         error, _ = run(params, jnp.asarray(1.0))
         with pytest.raises(Exception, match=message):
             error.throw()
+
+
+def test_nnx_train_step_equals_the_functional_step_without_split_or_merge():
+    optax = pytest.importorskip("optax")
+    nnx = pytest.importorskip("flax.nnx")
+    from prefopt.integrations.jax import make_nnx_train_step, make_train_step
+
+    class LM(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(16, 8, rngs=rngs)
+            self.out = nnx.Linear(8, 16, rngs=rngs)  # kernel (H, V), with a bias
+
+    def forward(m, ids, attention):
+        return m.out(jnp.tanh(m.embed(ids)))
+
+    def fused(m, ids, attention):  # the fused output layer: no logits
+        return jnp.tanh(m.embed(ids)), m.out.kernel[...].T, m.out.bias[...]
+
+    _, _, batch, _ = tiny_lm()
+    for fn in (forward, fused):
+        model = LM(nnx.Rngs(0))
+        reference = nnx.clone(model)
+        graphdef, params = nnx.split(nnx.clone(model))  # a copy: the step updates in place
+        ref_params = nnx.state(reference)
+        tx = optax.adam(1e-2)
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        step = make_nnx_train_step(fn, loss="mpo", beta=0.5)
+        twin = make_train_step(lambda p, ids, a: forward(nnx.merge(graphdef, p), ids, a), tx,
+                               loss="mpo", beta=0.5)  # fmt: skip
+        state = tx.init(params)
+        for _ in range(3):
+            value, metrics = step(model, optimizer, batch, ref_model=reference)
+            params, state, expected, _ = twin(params, state, batch, ref_params=ref_params)
+            assert float(value) == pytest.approx(float(expected), rel=1e-5)
+        assert float(value) > 0 and np.isfinite(float(metrics["rewards/margins"]))
+        for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        moved = jax.tree.leaves(nnx.state(model))[0] - jax.tree.leaves(ref_params)[0]
+        assert float(jnp.abs(moved).max()) > 1e-3  # it trained; the reference stayed
+    with pytest.raises(ValueError, match="make_nnx_train_step: step: two references"):
+        step(model, optimizer, {**batch, "ref_logps": batch["rewards"]}, ref_model=reference)

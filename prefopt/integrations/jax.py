@@ -7,8 +7,9 @@ batch axis only (``prefopt.backends.jax.shard_batch``): a group must stay on one
 
 The model is a function ``apply_fn(params, input_ids, attention_mask)`` of the B·n
 flattened sequences, returning either their logits (B·n, T, V) or the pair ``(hidden,
-weight)``: the last hidden states (B·n, T, H) and the output matrix (V, H). With the pair
-the log-probs come from the fused output layer
+weight)``: the last hidden states (B·n, T, H) and the output matrix (V, H), or ``(hidden,
+weight, bias)`` with the output bias (V,). With the pair the log-probs come from the fused
+output layer
 ([`fused_linear_logps`][prefopt.backends.jax.fused_linear_logps]) and no (B·n, T, V)
 logits tensor exists, forward or backward (a Flax ``nnx.Linear`` head holds its kernel as
 (H, V): return ``kernel.T``).
@@ -31,7 +32,7 @@ from prefopt.integrations.loss import group_loss_and_metrics
 from prefopt.losses.inputs import option_rules
 from prefopt.losses.registry import spec
 
-__all__ = ["loss_and_metrics", "make_train_step", "sequence_logps"]
+__all__ = ["loss_and_metrics", "make_nnx_train_step", "make_train_step", "sequence_logps"]
 
 # The keys of a group batch and their shapes' names (collate_ids); ref_logps is optional.
 _BATCH = {"input_ids": "B, n, T", "attention_mask": "B, n, T", "labels": "B, n, T",
@@ -101,9 +102,9 @@ def sequence_logps(
             bad,
         )
     if isinstance(out, tuple):
-        hidden, weight = out
+        hidden, weight, *bias = out
         shifted = prefopt.shift_labels(labels)
-        tokens = fused_linear_logps(hidden, weight, shifted)
+        tokens = fused_linear_logps(hidden, weight, shifted, bias=bias[0] if bias else None)
         logps, lengths = prefopt.sequence_logps(tokens, shifted != -100)
     else:
         logps, lengths = prefopt.causal_lm_logps(out, labels)
@@ -304,6 +305,75 @@ def make_train_step(
 
     checked.jitted = jitted
     checked._cache_size = jitted._cache_size
+    return checked
+
+
+def make_nnx_train_step(
+    forward: Callable[[Any, Any, Any], Any],
+    *,
+    loss: str = "mpo",
+    pairs: str = "all",
+    **options: Any,
+) -> Callable:
+    """A train step for a Flax NNX model and ``nnx.Optimizer``: no split or merge to write.
+
+    Args:
+        forward: ``(model, input_ids, attention_mask) -> logits`` (B·n, T, V), or ``->
+            (hidden, weight)`` for the fused output layer (see the module docstring; an
+            ``nnx.Linear`` head: ``model.out.kernel[...].T``).
+        loss: A registered loss name. Default ``"mpo"``.
+        pairs: ``"all"`` (default) or ``"best_worst"``, for pairwise losses.
+        **options: Options of the loss (checked here, with the loss's own messages).
+
+    Returns:
+        ``step(model, optimizer, batch, ref_model=None, **schedule) -> (loss, metrics)``,
+        compiled with ``nnx.jit``; it updates ``model`` and ``optimizer`` in place (an
+        ``nnx.Optimizer(model, tx, wrt=nnx.Param)``). ``ref_model``: the reference, a
+        model of the same kind (``nnx.clone(model)`` before training), whose log-probs the
+        step computes with no gradient; ``None``: ``batch["ref_logps"]`` or
+        reference-free. ``schedule`` and the checks of each call are those of
+        [`make_train_step`][prefopt.integrations.jax.make_train_step].
+
+    Examples:
+        >>> import jax.numpy as jnp, optax
+        >>> from flax import nnx
+        >>> from prefopt.integrations.jax import make_nnx_train_step
+        >>> class LM(nnx.Module):
+        ...     def __init__(self, rngs):
+        ...         self.embed, self.out = nnx.Embed(16, 8, rngs=rngs), nnx.Linear(8, 16, rngs=rngs)
+        >>> model = LM(nnx.Rngs(0))
+        >>> reference = nnx.clone(model)  # before training: the starting model
+        >>> optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+        >>> step = make_nnx_train_step(lambda m, ids, att: m.out(m.embed(ids)), beta=0.1)
+        >>> ids = jnp.arange(30).reshape(2, 3, 5) % 16
+        >>> batch = {"input_ids": ids, "attention_mask": ids * 0 + 1, "labels": ids,
+        ...          "rewards": jnp.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.2]]),
+        ...          "mask": jnp.ones((2, 3), bool)}
+        >>> loss, metrics = step(model, optimizer, batch, ref_model=reference)
+    """
+    from flax import nnx
+
+    found = spec(loss, "make_nnx_train_step")
+    found.config(options, fn="make_nnx_train_step")
+
+    @nnx.jit
+    def step(model, optimizer, batch, ref_model, schedule):
+        def objective(model):
+            return loss_and_metrics(
+                model, batch, apply_fn=forward, ref_params=ref_model, loss=loss, pairs=pairs,
+                **{**options, **schedule},
+            )  # fmt: skip
+
+        (value, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(model)
+        optimizer.update(model, grads)
+        return value, metrics
+
+    def checked(model, optimizer, batch, ref_model=None, **schedule):
+        found.config({**options, **schedule}, fn="make_nnx_train_step: step")
+        _check_batch("make_nnx_train_step: step", batch, ref_model is not None)
+        return step(model, optimizer, batch, ref_model, schedule)
+
+    checked.jitted = step
     return checked
 
 
