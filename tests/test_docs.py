@@ -22,6 +22,7 @@ def public_symbols():
         "prefopt.integrations.attention",
         "prefopt.integrations.trl",
         "prefopt.integrations.jax",
+        "prefopt.integrations.flax_llama",
         "prefopt.losses.registry",
         "prefopt.layout",
         "prefopt.cli.config",
