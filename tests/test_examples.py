@@ -89,3 +89,20 @@ def test_ultrafeedback_to_groups_then_train(tmp_path):
     out = run("-m", "prefopt.cli", "train", "--data", groups, "--model", tmp_path / "model",
               "--steps", "2", "--no-progress", "--output", tmp_path / "run")  # fmt: skip
     assert "done: 2 steps" in out
+
+
+def test_grpo_compare_graded_reward_and_intervals():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from examples.grpo_compare import interval, near_reward
+
+    question = "What is 3 + 4? Reply with the number only."
+    assert near_reward(question, "7") == 1.0
+    assert near_reward(question, "3 + 4 = 8") == 0.5  # the question restated is no answer
+    assert near_reward(question, "3 + 4") == 0.0
+    assert near_reward(question, "seven") == 0.0
+    assert near_reward(question, "It is 17.") == pytest.approx(1 / 11)
+    # mean and 95 % t half-width (t = 4.303 at 2 degrees of freedom), written out
+    mean, half = interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / 3**0.5)
+    assert interval([0.5])[1] != interval([0.5])[1]  # one value: no interval (nan)
