@@ -193,6 +193,8 @@ def experiment(opts) -> list[dict]:
     log = out / "grpo_compare.jsonl"
     runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     done = {key(r) for r in runs}
+    if opts.report_only:
+        return runs
     start, tokenizer, _ = load_model(SMOLLM2, dtype="float32")
     start.eval().requires_grad_(False)
     dtype = cpu_dtype() if opts.dtype == "auto" else opts.dtype
@@ -218,6 +220,7 @@ def experiment(opts) -> list[dict]:
             flush=True,
         )
         runs.append(result)
+        done.add(key(result))  # the grid's run at the best rate is the first seed's
         with log.open("a") as f:
             f.write(json.dumps(result) + "\n")
 
@@ -261,16 +264,23 @@ def report(runs, opts) -> dict:
     """Per task and method at its best rate: the grid, rewards, KL, time, paired differences."""
     steps, result = opts.steps, {}
     for task in opts.tasks:
-        start = next(r for r in runs if (r["task"], r["method"], r["steps"]) ==
-                     (task, "start", steps))["curve"]["0"]  # fmt: skip
+        first = [r for r in runs if (r["task"], r["method"], r["steps"]) == (task, "start", steps)]
+        if not first:  # not run (--report-only on a partial log)
+            continue
+        start = first[0]["curve"]["0"]
         table = {"start": start}
         for method in opts.methods:
-            lr = best_rate(runs, opts.tune_on or task, method, steps)
+            tuned = opts.tune_on or task
+            if not any((r["task"], r["method"]) == (tuned, method) for r in runs):
+                continue  # not run (--report-only on a partial log)
+            lr = best_rate(runs, tuned, method, steps)
             picked = sorted(
                 (r for r in runs if (r["task"], r["method"], r["lr"], r["steps"]) ==
                  (task, method, lr, steps) and r["seed"] < opts.seeds),
                 key=lambda r: r["seed"],
             )  # fmt: skip
+            if not picked:  # not run (--report-only on a partial log)
+                continue
             row = {
                 "lr": lr,
                 "grid": {
@@ -288,8 +298,8 @@ def report(runs, opts) -> dict:
                                for what in ("sampled", "greedy", "kl")}  # fmt: skip
             table[method] = row
         if "grpo" in table:
-            for method in opts.methods:
-                if method == "grpo":
+            for method in table:
+                if method in ("grpo", "start"):
                     continue
                 paired = min(len(table[method]["seeds"]), len(table["grpo"]["seeds"]))
                 for what in ("sampled", "greedy", "kl"):
@@ -308,18 +318,19 @@ def plot(result, opts, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(result), figsize=(5.5 * len(result), 4), squeeze=False)
     for ax, (task, table) in zip(axes[0], result.items()):
-        for method in opts.methods:
+        methods = [m for m in table if m != "start"]
+        for i, method in enumerate(methods):
             row = table[method]
             at = sorted({int(k.split("@")[1]) for k in row if k.startswith("sampled@")})
             means = [table["start"]["sampled"]] + [row[f"sampled@{s}"][0] for s in at]
             half = [0.0] + [row[f"sampled@{s}"][1] for s in at]
             half = [0.0 if math.isnan(h) else h for h in half]
-            xs = [0, *at]
+            xs = [x + 0.08 * (i - len(methods) / 2) for x in (0, *at)]  # apart, to read
             ax.errorbar(xs, means, yerr=half, capsize=3, marker="o",
                         label=f"{METHODS[method][0]} (lr {row['lr']:g})")  # fmt: skip
         ax.set_title(f"{task}: held-out reward, sampled (T {TEMPERATURE})")
         ax.set_xlabel("step")
-        ax.set_ylabel(f"mean over {len(table[opts.methods[0]]['seeds'])} seeds, 95% interval")
+        ax.set_ylabel(f"mean over {len(table[methods[0]]['seeds'])} seeds, 95% interval")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -349,6 +360,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the grid on this task only; its best rates serve all")  # fmt: skip
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     parser.add_argument("--smoke", action="store_true", help="1 step, 1 rate, 1 seed: CI")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: the report of the runs in the log")  # fmt: skip
     opts = parser.parse_args(argv)
     small = opts.smoke
     opts.steps = opts.steps or (1 if small else 8)
@@ -367,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
     for task, table in result.items():
         print(f"{task}: start sampled {table['start']['sampled']:.3f}, "
               f"greedy {table['start']['greedy']:.3f}")  # fmt: skip
-        for method in opts.methods:
+        for method in (m for m in table if m != "start"):
             row, end = table[method], opts.steps
             (m, h), (g, gh), (k, kh) = (row[f"{w}@{end}"] for w in ("sampled", "greedy", "kl"))
             line = (f"  {method:8s} lr {row['lr']:g}: sampled {m:.3f} +- {h:.3f}, greedy "
