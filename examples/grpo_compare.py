@@ -23,8 +23,8 @@ of each method on seeds 1..``--seeds``-1 (the grid's seed-0 run is the first see
 fixes the prompt order and the sampling stream, the same for every method. Held-out reward
 (greedy, and 4 samples per prompt at temperature 0.7, the same sampling seed for every run)
 is measured at steps 0, ``--steps`` / 2 and ``--steps`` (default 8: on 2 CPU cores a step
-takes 4 to 14 s, and 84 runs had to fit in about an hour), with an estimate of KL(policy ||
-start): the mean over the sampled held-out completions of the sequence log-ratio, as
+takes 5 to 18 s, and the 57 runs of the docs took 159 run-minutes), with an estimate of
+KL(policy || start): the mean over the sampled held-out completions of the sequence log-ratio, as
 ``prefopt train`` reports it. ``--tune-on TASK`` runs the grid on that task only and takes
 its best rates for the others.
 

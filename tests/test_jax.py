@@ -385,3 +385,18 @@ def test_nnx_train_step_equals_the_functional_step_without_split_or_merge():
         assert float(jnp.abs(moved).max()) > 1e-3  # it trained; the reference stayed
     with pytest.raises(ValueError, match="make_nnx_train_step: step: two references"):
         step(model, optimizer, {**batch, "ref_logps": batch["rewards"]}, ref_model=reference)
+
+
+def test_the_flax_llama_refuses_what_it_does_not_implement():
+    pytest.importorskip("flax")
+    from prefopt.integrations.flax_llama import Llama
+
+    config = {"vocab_size": 16, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-5}  # fmt: skip
+    assert Llama(config).rope_theta == 10000.0
+    for extra, message in (
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "rope_type='llama3'"),
+        ({"attention_bias": True}, "attention_bias=True"),
+    ):
+        with pytest.raises(ValueError, match=f"Llama: {message} is not supported"):
+            Llama({**config, **extra})

@@ -101,7 +101,18 @@ class Llama(nnx.Module):
         rngs = rngs or nnx.Rngs(0)
         c = dict(config)
         c.setdefault("head_dim", c["hidden_size"] // c["num_attention_heads"])
-        rope = c.get("rope_parameters") or {}
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        unsupported = {
+            "rope_type": kind if kind != "default" else None,
+            "attention_bias": c.get("attention_bias") or None,
+            "mlp_bias": c.get("mlp_bias") or None,
+        }
+        for name, value in unsupported.items():
+            if value is not None:  # a silently different model otherwise
+                raise ValueError(
+                    f"Llama: {name}={value!r} is not supported (default rotary, no biases)"
+                )
         self.rope_theta = float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
         self.head_dim = c["head_dim"]
         self.embed_tokens = nnx.Embed(
