@@ -19,6 +19,7 @@ _NEEDS = {
     "prefopt/integrations/trainer.py": "transformers",
     "prefopt/integrations/trl.py": "trl",
     "prefopt/integrations/jax.py": "optax",
+    "prefopt/integrations/flax_llama.py": "flax",
 }
 
 collect_ignore = ["tests/scripts"] + [

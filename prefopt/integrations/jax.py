@@ -335,21 +335,10 @@ def make_nnx_train_step(
         [`make_train_step`][prefopt.integrations.jax.make_train_step].
 
     Examples:
-        >>> import jax.numpy as jnp, optax
-        >>> from flax import nnx
-        >>> from prefopt.integrations.jax import make_nnx_train_step
-        >>> class LM(nnx.Module):
-        ...     def __init__(self, rngs):
-        ...         self.embed, self.out = nnx.Embed(16, 8, rngs=rngs), nnx.Linear(8, 16, rngs=rngs)
-        >>> model = LM(nnx.Rngs(0))
-        >>> reference = nnx.clone(model)  # before training: the starting model
-        >>> optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
-        >>> step = make_nnx_train_step(lambda m, ids, att: m.out(m.embed(ids)), beta=0.1)
-        >>> ids = jnp.arange(30).reshape(2, 3, 5) % 16
-        >>> batch = {"input_ids": ids, "attention_mask": ids * 0 + 1, "labels": ids,
-        ...          "rewards": jnp.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.2]]),
-        ...          "mask": jnp.ones((2, 3), bool)}
-        >>> loss, metrics = step(model, optimizer, batch, ref_model=reference)
+        The "Flax NNX" part of the JAX and optax docs page runs one step on a small NNX
+        model; ``tests/test_real_model.py`` trains SmolLM2 with it
+        (``prefopt.integrations.flax_llama``). Needs Flax 0.12 or later (the ``flax``
+        extra).
     """
     from flax import nnx
 
