@@ -19,7 +19,8 @@ Written once against the Array API: the PyTorch integration and the JAX example 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -31,6 +32,7 @@ Array = Any
 
 __all__ = [
     "GroupLayout",
+    "PackedGroups",
     "ResponseAttention",
     "group_attention_mask",
     "group_layout",
@@ -179,17 +181,19 @@ def group_attention_mask(segments: Array, *, xp: ModuleType | None = None) -> Ar
     return allowed | (i[:, None] == i[None, :])[None, ...]
 
 
-class ResponseAttention(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class ResponseAttention:
     r"""Index grids of the shared group attention (see ``response_attention``).
 
     Attributes:
-        prompt: $P$, the longest prompt (an int).
+        prompt: $P$, the longest prompt.
+        shared_keys: Which form: ``False``, each response over its own $P + R$ keys;
+            ``True``, every response over the $L$ packed keys.
         queries: (B, n, R) int: the packed position of token $j$ of response $i$ (0 past
             the response's end); with shared keys (B, n R).
         keys: (B, n, K) int, $K = P + R$: the packed positions response $i$ attends to,
             its group's prompt then its own tokens (0 where there is none); with shared
-            keys (B, P), the prompt's positions $0 \dots P-1$ (every response attends
-            to the L packed keys; the shape tells $P$).
+            keys (B, P), the prompt's positions $0 \dots P-1$.
         allowed: (B, 1, R, K) bool: whether query $j$ of a response attends to key $k$
             (the same for every response of a group); with shared keys (B, 1, n R, L).
         output: (B, L) int: where packed position $t$'s attention output is read from, in
@@ -197,10 +201,18 @@ class ResponseAttention(NamedTuple):
     """
 
     prompt: int
+    shared_keys: bool
     queries: Array
     keys: Array
     allowed: Array
     output: Array
+
+    def map(self, fn: Callable[[Array], Array]) -> ResponseAttention:
+        """The same grids with ``fn`` applied to each array (a conversion, a move)."""
+        return ResponseAttention(
+            self.prompt, self.shared_keys, fn(self.queries), fn(self.keys), fn(self.allowed),
+            fn(self.output),
+        )  # fmt: skip
 
 
 # Shared keys when the packed length is at most this many times a response's own sequence
@@ -286,6 +298,7 @@ def response_attention(
         allowed = (key < p[..., None]) | mine  # (B, n, R, L); padded queries see key 0
         return ResponseAttention(
             P,
+            True,
             xp.reshape(queries, (B, n * R)),
             xp.zeros((B, P), dtype=xp.int64, device=on) + t[:, :P],  # an array, not a view
             xp.reshape(allowed, (B, 1, n * R, L)),
@@ -295,17 +308,50 @@ def response_attention(
     own = k - p  # index of a key within the response, for k >= p
     keys = xp.where(k < p, k, xp.where(own < r[:, :, None], starts + own, 0))
     allowed = (k[:, :, None, :] < p[..., None]) | (own[:, :, None, :] <= j[:, :, :, None])
-    return ResponseAttention(P, queries, keys, allowed, output)
+    return ResponseAttention(P, False, queries, keys, allowed, output)
 
 
-# The keys of a collated batch that hold its group layout (see ``pack_groups``).
-PACKED = (
-    "packed_ids", "packed_positions", "packed_rows", "packed_cols", "packed_owner",
-    "packed_targets", "packed_queries", "packed_keys", "packed_allowed", "packed_output",
-)  # fmt: skip
+@dataclasses.dataclass(frozen=True)
+class PackedGroups:
+    """A collated batch's groups packed, each prompt once then its responses.
+
+    Built once per batch by [`pack_groups`][prefopt.layout.pack_groups] (the collator
+    calls it, on the host) and passed whole to the forward, which gives ``attention`` to
+    every attention layer.
+
+    Attributes:
+        ids: (B, L) int: the packed sequences (see
+            [`group_layout`][prefopt.layout.group_layout]).
+        positions: (B, L) int: their position ids.
+        rows: (N,) int: for each counted response token, the packed row whose output
+            predicts it.
+        cols: (N,) int: the packed column of that output.
+        owner: (N,) int: its response, ``b * n + i``.
+        targets: (N,) int: its token id.
+        attention: The [`ResponseAttention`][prefopt.layout.ResponseAttention] grids.
+    """
+
+    ids: Array
+    positions: Array
+    rows: Array
+    cols: Array
+    owner: Array
+    targets: Array
+    attention: ResponseAttention
+
+    def map(self, fn: Callable[[Array], Array]) -> PackedGroups:
+        """The same groups with ``fn`` applied to each array (``torch.from_numpy``...)."""
+        return PackedGroups(
+            fn(self.ids), fn(self.positions), fn(self.rows), fn(self.cols), fn(self.owner),
+            fn(self.targets), self.attention.map(fn),
+        )  # fmt: skip
+
+    def to(self, *args: Any, **kwargs: Any) -> PackedGroups:
+        """The same groups with each tensor's ``.to(*args, **kwargs)``, as a batch moves."""
+        return self.map(lambda a: a.to(*args, **kwargs))
 
 
-def pack_groups(batch: Mapping[str, Any], *, ignore_index: int = -100) -> dict[str, Any] | None:
+def pack_groups(batch: Mapping[str, Any], *, ignore_index: int = -100) -> PackedGroups | None:
     """The group layout of a collated batch: each prompt once, then its responses.
 
     Computed once per batch, at collation (on the host, where reading the lengths costs
@@ -320,13 +366,8 @@ def pack_groups(batch: Mapping[str, Any], *, ignore_index: int = -100) -> dict[s
     Returns:
         ``None`` when some group cannot share its prompt (its responses were cut to
         different prompt tokens, an empty prompt, a response with no token, a padded
-        prompt); else the arrays named in ``PACKED``: the packed sequence
-        ``packed_ids`` and ``packed_positions`` (B, L) (see
-        [`group_layout`][prefopt.layout.group_layout]); for each response token, the
-        packed row and column whose output predicts it, its response ``b * n + i`` and its
-        id (``packed_rows``, ``packed_cols``, ``packed_owner``, ``packed_targets``, (N,));
-        and the index grids of [`response_attention`][prefopt.layout.response_attention]
-        (``packed_queries``, ``packed_keys``, ``packed_allowed``, ``packed_output``).
+        prompt); else the [`PackedGroups`][prefopt.layout.PackedGroups], in the batch's
+        namespace.
     """
     ids, labels, attention = batch["input_ids"], batch["labels"], batch["attention_mask"]
     xp = get_namespace(ids)
@@ -352,7 +393,6 @@ def pack_groups(batch: Mapping[str, Any], *, ignore_index: int = -100) -> dict[s
         return None
     lengths = xp.where(real, ends - starts, 0)
     lay = group_layout(prompt, lengths, xp=xp)
-    att = response_attention(lay, prompt, lengths, xp=xp)
     R = lay.label_mask.shape[-1]
     # the response tokens whose log-prob counts (a tool's result is read, not counted):
     # only these go through the output layer
@@ -361,15 +401,12 @@ def pack_groups(batch: Mapping[str, Any], *, ignore_index: int = -100) -> dict[s
     flat = xp.nonzero(xp.reshape(lay.label_mask & counted, (-1,)))[0]
     g, i, k = flat // (n * R), (flat // R) % n, flat % R
     rows_of_ids = xp.reshape(ids, (B, n * T))
-    return {
-        "packed_ids": xp.take_along_axis(rows_of_ids, lay.response * T + lay.column, axis=1),
-        "packed_positions": lay.positions,
-        "packed_rows": g,
-        "packed_cols": xp.take(xp.reshape(lay.label_positions, (-1,)), flat),
-        "packed_owner": g * n + i,
-        "packed_targets": xp.take(xp.reshape(ids, (-1,)), (g * n + i) * T + xp.take(prompt, g) + k),
-        "packed_queries": att.queries,
-        "packed_keys": att.keys,
-        "packed_allowed": att.allowed,
-        "packed_output": att.output,
-    }
+    return PackedGroups(
+        ids=xp.take_along_axis(rows_of_ids, lay.response * T + lay.column, axis=1),
+        positions=lay.positions,
+        rows=g,
+        cols=xp.take(xp.reshape(lay.label_positions, (-1,)), flat),
+        owner=g * n + i,
+        targets=xp.take(xp.reshape(ids, (-1,)), (g * n + i) * T + xp.take(prompt, g) + k),
+        attention=response_attention(lay, prompt, lengths, xp=xp),
+    )

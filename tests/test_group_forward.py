@@ -256,7 +256,7 @@ def packed_batch(seed=0):
 
     data = batch(seed)
     numpy = {k: v.numpy() for k, v in data.items()}
-    return {**data, **{k: torch.from_numpy(v) for k, v in pack_groups(numpy).items()}}
+    return {**data, "packed": pack_groups(numpy).map(torch.from_numpy)}
 
 
 class Syncs(torch.utils._python_dispatch.TorchDispatchMode):

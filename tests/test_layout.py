@@ -73,3 +73,33 @@ def test_layout_stays_on_the_inputs_device():
     lay = group_layout(p, r)
     assert all(v.device == other for v in lay)
     assert group_attention_mask(lay.segments).device == other
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_packed_groups_say_their_form_and_move_whole(shared):
+    torch = pytest.importorskip("torch")
+    from prefopt.layout import pack_groups, response_attention
+
+    p, r = np.array([2, 3]), np.array([[2, 1], [1, 3]])
+    att = response_attention(group_layout(p, r), p, r, shared_keys=shared)
+    assert (att.prompt, att.shared_keys) == (3, shared)  # stated, not read from a rank
+    ids = np.arange(2 * 2 * 6).reshape(2, 2, 6) % 7 + 1
+    ids[1, 1, :3] = ids[1, 0, :3]  # each group's responses follow the same prompt
+    ids[0, 1, :2] = ids[0, 0, :2]
+    labels = np.where(np.arange(6) >= np.array([2, 3])[:, None, None], ids, -100)
+    attention = (np.arange(6) < (np.array([2, 3])[:, None] + r)[..., None]).astype(np.int64)
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": attention}
+    on_host = pack_groups(batch)
+    moved = on_host.map(torch.from_numpy).to(torch.float64)  # every array, in one call
+    tensors = pack_groups({k: torch.from_numpy(v) for k, v in batch.items()})
+    for a, b, c in zip(_arrays(on_host), _arrays(moved), _arrays(tensors)):
+        assert b.dtype == torch.float64 and np.array_equal(a, b.numpy())
+        assert np.array_equal(a, c.numpy())
+    assert (moved.attention.prompt, tensors.attention.prompt) == (3, 3)
+
+
+def _arrays(packed):
+    att = packed.attention
+    grids = (att.queries, att.keys, att.allowed, att.output)
+    return (packed.ids, packed.positions, packed.rows, packed.cols, packed.owner,
+            packed.targets, *grids)  # fmt: skip

@@ -82,7 +82,7 @@ def test_shared_and_fused_paths_equal_the_plain_path_in_float32(smol):
     model, tok = smol
     batch = PreferenceCollator(tok)(ROWS)
     assert batch["mask"].tolist() == [[True] * 4, [True, True, False, False]]
-    assert "packed_ids" in batch  # the groups share their prompt
+    assert "packed" in batch  # the groups share their prompt
     weights = torch.linspace(0.5, 1.5, 8).reshape(2, 4)
     model.train()  # dropout is 0 in SmolLM2: train mode must not change a value
     plain, g_plain = _logps_and_grads(model, batch, weights, share_prefix=False, fused=False)

@@ -15,28 +15,19 @@ keyword argument ``prefopt_group`` runs the shared attention.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import transformers
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import prefopt.layout
 
-__all__ = ["GroupAttention", "group_attention", "use_group_attention"]
+__all__ = ["group_attention", "use_group_attention"]
 
 PREFIX = "prefopt_group_"
 BASES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
-
-
-class GroupAttention(NamedTuple):
-    """What every attention layer of one packed batch needs (built once per batch).
-
-    Attributes:
-        index: The [`ResponseAttention`][prefopt.layout.ResponseAttention] grids.
-    """
-
-    index: prefopt.layout.ResponseAttention
 
 
 def group_attention(
@@ -47,7 +38,7 @@ def group_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
-    prefopt_group: GroupAttention | None = None,
+    prefopt_group: prefopt.layout.ResponseAttention | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     r"""Attention of packed groups: the prompt once, each response on its prompt and itself.
@@ -72,9 +63,9 @@ def group_attention(
         attention_mask: Unused with a group (the layout says who attends to whom).
         scaling: The score scale $s$. Default ``None``: $1/\sqrt{d}$.
         dropout: Attention dropout probability (training only).
-        prefopt_group: The batch's [`GroupAttention`]
-            [prefopt.integrations.attention.GroupAttention], or ``None``: then the
-            model's own implementation runs.
+        prefopt_group: The batch's [`ResponseAttention`][prefopt.layout.ResponseAttention]
+            (``PackedGroups.attention``), or ``None``: then the model's own implementation
+            runs.
         **kwargs: The layer's other keyword arguments.
 
     Returns:
@@ -82,15 +73,14 @@ def group_attention(
     """
     if prefopt_group is None:  # any other call: the model's own attention, unchanged
         base = module.config._attn_implementation.removeprefix(PREFIX)
-        fn = transformers.AttentionInterface._global_mapping.get(base)
+        fn = ALL_ATTENTION_FUNCTIONS.get(base)
         if fn is None:  # eager lives in the model's own file
             fn = _eager(module)
         return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                   **kwargs)  # fmt: skip
-    idx = prefopt_group.index
+    idx = prefopt_group
     B, heads, L, d = query.shape
-    P = idx.prompt
-    shared = idx.queries.ndim == 2  # shared keys: every response over the L packed keys
+    P, shared = idx.prompt, idx.shared_keys
     n, R = (1, idx.queries.shape[-1]) if shared else idx.queries.shape[1:]
     window = kwargs.get("sliding_window")
     if window is not None and (L if shared else P + R) <= window:

@@ -34,11 +34,12 @@ class PreferenceCollator:
 
     Returns (when called on a list of rows): a dict of tensors ``input_ids``,
     ``attention_mask`` and ``labels`` (B, n, T), ``rewards`` (B, n) float32, ``mask``
-    (B, n) bool, ``ref_logps`` (B, n) float32 when every row has that column, and the
-    batch's group layout (each prompt once, then its responses: the ``packed_*`` tensors of
-    [`pack_groups`][prefopt.layout.pack_groups]) when its groups share their
-    prompts. The layout is computed here, on the host, once per batch: the policy's and the
-    reference's forward both use it, and neither reads a value back from the device.
+    (B, n) bool, ``ref_logps`` (B, n) float32 when every row has that column, and, when
+    its groups share their prompts, ``packed``: the batch's
+    [`PackedGroups`][prefopt.layout.PackedGroups] (each prompt once, then its responses), a
+    batch value that moves with ``.to(device)`` as the tensors do. The layout is computed
+    here, on the host, once per batch: the policy's and the reference's forward both use
+    it, and neither reads a value back from the device.
     """
 
     def __init__(
@@ -76,7 +77,7 @@ class PreferenceCollator:
             return row
         return tokenize_row(row, self.tokenizer, where, add_eos=self.add_eos)
 
-    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Collate rows into tensors (see the class docstring)."""
         if not rows:
             raise ValueError("PreferenceCollator: no rows to collate (an empty batch)")
@@ -90,7 +91,7 @@ class PreferenceCollator:
         groups: Sequence[tuple[list[int], list[list[int]], list[float]]],
         ref_logps: Sequence[Sequence[float]] | None = None,
         label_masks: Sequence[Sequence[Sequence[int]]] | None = None,
-    ) -> dict[str, torch.Tensor]:
+    ) -> dict[str, Any]:
         """Collate token-id groups ``(prompt_ids, [response_ids...], rewards)`` into tensors.
 
         Args:
@@ -103,5 +104,8 @@ class PreferenceCollator:
             The batch of the class docstring.
         """
         batch = collate_ids(groups, self.pad_id, self.truncation, ref_logps, label_masks)
-        batch.update(pack_groups(batch) or {})
-        return {k: torch.from_numpy(v) for k, v in batch.items()}
+        packed = pack_groups(batch)
+        batch = {k: torch.from_numpy(v) for k, v in batch.items()}
+        if packed is not None:
+            batch["packed"] = packed.map(torch.from_numpy)
+        return batch

@@ -20,10 +20,10 @@ import torch
 import prefopt
 from prefopt.backends.torch import fused_linear_logps
 from prefopt.integrations import warn_once
-from prefopt.integrations.attention import GroupAttention, servable, use_group_attention
+from prefopt.integrations.attention import servable, use_group_attention
 from prefopt.integrations.data import IGNORE
 from prefopt.integrations.loss import group_loss_and_metrics
-from prefopt.layout import PACKED, ResponseAttention, pack_groups
+from prefopt.layout import PackedGroups, pack_groups
 from prefopt.losses.registry import spec
 
 __all__ = ["batch_logps", "loss_and_metrics", "precompute_ref_logps", "reference_logps"]
@@ -97,24 +97,14 @@ def batch_logps(
         }
         owner, targets = rows, labels.reshape(B * n, T)[rows, cols + 1]
     else:
-        queries, keys = packed["packed_queries"], packed["packed_keys"]
-        shared_keys = queries.ndim == 2  # P read from the shapes: no value read back
-        index = ResponseAttention(
-            keys.shape[-1] if shared_keys else keys.shape[-1] - queries.shape[-1],
-            queries,
-            keys,
-            packed["packed_allowed"],
-            packed["packed_output"],
-        )
         inputs = {
-            "input_ids": packed["packed_ids"],
+            "input_ids": packed.ids,
             # a 4D mask is taken as it is: no (L, L) mask is built; the group says who attends
             "attention_mask": torch.ones(B, 1, 1, 1, dtype=torch.bool, device=ids.device),
-            "position_ids": packed["packed_positions"],
-            "prefopt_group": GroupAttention(index),
+            "position_ids": packed.positions,
+            "prefopt_group": packed.attention,
         }
-        rows, cols = packed["packed_rows"], packed["packed_cols"]
-        owner, targets = packed["packed_owner"], packed["packed_targets"]
+        rows, cols, owner, targets = packed.rows, packed.cols, packed.owner, packed.targets
     token = _token_logps(model, inner, inputs, rows, cols, targets, fused)
     logps = torch.zeros(B * n, dtype=token.dtype, device=token.device).index_add(0, owner, token)
     return logps.reshape(B, n), lengths.to(token.dtype)
@@ -160,13 +150,14 @@ def _check_fused(inner: Any) -> bool:
     return True
 
 
-def _packed(inner: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+def _packed(inner: Any, batch: dict[str, Any]) -> PackedGroups | None:
     """The batch's group layout (packed by the collator, or now), or ``None`` for unshared."""
-    packed = {k: batch[k] for k in PACKED} if PACKED[0] in batch else pack_groups(batch)
+    packed = batch["packed"] if "packed" in batch else pack_groups(batch)
     if packed is None:
         return None
+    packed = packed.to(batch["input_ids"].device)  # a no-op where the batch moved whole
     # the last dimension of the mask (P + R, or L) bounds how far a query sees back
-    why = servable(inner, packed["packed_allowed"].shape[-1]) or use_group_attention(inner)
+    why = servable(inner, packed.attention.allowed.shape[-1]) or use_group_attention(inner)
     if why is not None:
         warn_once(f"batch_logps: the shared group attention cannot serve this model ({why}), "
                    "so groups run unshared")  # fmt: skip
@@ -201,7 +192,9 @@ def _token_logps(model, inner, inputs, rows, cols, targets, fused) -> torch.Tens
 
     hooks = [head.register_forward_pre_hook(take), head.register_forward_hook(logps, prepend=True)]
     try:
-        return model(**inputs, use_cache=False).logits
+        # the model returns what its output layer returned, in the field it calls logits
+        token_logps = model(**inputs, use_cache=False).logits  # (N,) log-probs
+        return token_logps
     finally:
         for hook in hooks:
             hook.remove()
