@@ -228,6 +228,7 @@ def response_attention(
     response_lengths: Array,
     *,
     shared_keys: bool | None = None,
+    prompt: int | None = None,
     xp: ModuleType | None = None,
 ) -> ResponseAttention:
     r"""The attention of packed groups as a prompt part and a response part, with no (L, L) mask.
@@ -254,6 +255,8 @@ def response_attention(
         prompt_lengths: (B,) int, as given to ``group_layout``.
         response_lengths: (B, n) int, likewise.
         shared_keys: The form (see above). Default ``None``: by the rule above.
+        prompt: $P$, at least the longest prompt, when it must be static (under
+            ``jax.jit``, or padded to a bucket). Default ``None``: the longest prompt.
         xp: The array namespace, if known.
 
     Returns:
@@ -280,7 +283,7 @@ def response_attention(
     B, n = r.shape
     R = layout.label_mask.shape[-1]
     L = layout.segments.shape[1]
-    P = int(xp.max(p))
+    P = int(xp.max(p)) if prompt is None else prompt
     on = device(r)
     starts = (p[:, :, 0] + xp.cumulative_sum(r, axis=1) - r)[:, :, None]  # (B, n, 1)
     j = xp.arange(R, dtype=xp.int64, device=on)[None, None, :]
@@ -351,7 +354,9 @@ class PackedGroups:
         return self.map(lambda a: a.to(*args, **kwargs))
 
 
-def pack_groups(batch: Mapping[str, Any], *, ignore_index: int = -100) -> PackedGroups | None:
+def pack_groups(
+    batch: Mapping[str, Any], *, ignore_index: int = -100, pad_to_multiple_of: int | None = None
+) -> PackedGroups | None:
     """The group layout of a collated batch: each prompt once, then its responses.
 
     Computed once per batch, at collation (on the host, where reading the lengths costs
@@ -362,6 +367,11 @@ def pack_groups(batch: Mapping[str, Any], *, ignore_index: int = -100) -> Packed
     Args:
         batch: ``input_ids``, ``labels`` and ``attention_mask``, each (B, n, T).
         ignore_index: The label of prompt and padding tokens. Default -100.
+        pad_to_multiple_of: Round the packed length $L$, the longest prompt $P$ and
+            response $R$, and the number $N$ of counted tokens up to multiples of this, so
+            that a compiled step (``jax.jit``) meets a bounded number of shapes. A padded
+            token's ``owner`` is $B n$, one past the last response: a segment sum over
+            $B n$ segments drops it. Default ``None``: the batch's own sizes.
 
     Returns:
         ``None`` when some group cannot share its prompt (its responses were cut to
@@ -392,7 +402,14 @@ def pack_groups(batch: Mapping[str, Any], *, ignore_index: int = -100) -> Packed
     ):
         return None
     lengths = xp.where(real, ends - starts, 0)
-    lay = group_layout(prompt, lengths, xp=xp)
+    m = pad_to_multiple_of or 1
+    if not (isinstance(m, int) and m >= 1):
+        raise ValueError(f"pack_groups: pad_to_multiple_of must be an int >= 1; got {m!r}")
+    up = lambda size: -(-int(size) // m) * m  # noqa: E731
+    lay = group_layout(
+        prompt, lengths, length=up(xp.max(prompt + xp.sum(lengths, axis=1))),
+        max_response=up(xp.max(lengths)), xp=xp,
+    )  # fmt: skip
     R = lay.label_mask.shape[-1]
     # the response tokens whose log-prob counts (a tool's result is read, not counted):
     # only these go through the output layer
@@ -400,13 +417,23 @@ def pack_groups(batch: Mapping[str, Any], *, ignore_index: int = -100) -> Packed
     counted = xp.take_along_axis(is_label, xp.broadcast_to(column, (B, n, R)), axis=-1)
     flat = xp.nonzero(xp.reshape(lay.label_mask & counted, (-1,)))[0]
     g, i, k = flat // (n * R), (flat // R) % n, flat % R
+    owner = g * n + i
+    targets = xp.take(xp.reshape(ids, (-1,)), owner * T + xp.take(prompt, g) + k)
+    cols = xp.take(xp.reshape(lay.label_positions, (-1,)), flat)
+    extra = up(flat.shape[0]) - flat.shape[0]  # padded tokens: row 0, column 0, owner B n
+    if extra:
+
+        def pad(a, value=0):
+            return xp.concat([a, xp.full(extra, value, dtype=a.dtype, device=device(a))])
+
+        g, cols, targets, owner = pad(g), pad(cols), pad(targets), pad(owner, B * n)
     rows_of_ids = xp.reshape(ids, (B, n * T))
     return PackedGroups(
         ids=xp.take_along_axis(rows_of_ids, lay.response * T + lay.column, axis=1),
         positions=lay.positions,
         rows=g,
-        cols=xp.take(xp.reshape(lay.label_positions, (-1,)), flat),
-        owner=g * n + i,
-        targets=xp.take(xp.reshape(ids, (-1,)), (g * n + i) * T + xp.take(prompt, g) + k),
-        attention=response_attention(lay, prompt, lengths, xp=xp),
+        cols=cols,
+        owner=owner,
+        targets=targets,
+        attention=response_attention(lay, prompt, lengths, prompt=up(xp.max(prompt)), xp=xp),
     )

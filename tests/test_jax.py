@@ -1,6 +1,7 @@
 """JAX specifics: jit, grad, vmap, and arrays sharded over several (simulated) devices."""
 
 import functools
+import math
 
 import numpy as np
 import pytest
@@ -400,3 +401,128 @@ def test_the_flax_llama_refuses_what_it_does_not_implement():
     ):
         with pytest.raises(ValueError, match=f"Llama: {message} is not supported"):
             Llama({**config, **extra})
+
+
+# ---- the shared prompt in JAX: the Flax Llama on packed groups --------------------------
+
+LLAMA = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+         "rope_theta": 10000.0}  # fmt: skip
+RAGGED = [
+    [([1, 2, 3], [[4, 5], [6], [7, 8, 9, 10, 11]], [0.9, 0.1, 0.5]),
+     ([3, 2, 9, 9, 4], [[5], [5, 5, 6, 7, 8, 9, 1, 2]], [0.0, 1.0])],
+    [([7, 1], [[2, 3, 4, 5, 6, 7], [30, 31, 1, 2], [5, 4]], [0.2, 0.8, 0.4]),
+     ([6, 6, 6], [[1, 2, 3, 4], [3, 2]], [1.0, 0.0])],
+]  # fmt: skip
+
+
+def packed_batch(groups, bucket=None):
+    from prefopt.integrations.data import collate_ids
+    from prefopt.layout import pack_groups
+
+    arrays = collate_ids(groups, pad_id=0, pad_to_multiple_of=bucket)
+    packed = pack_groups(arrays, pad_to_multiple_of=bucket)
+    return {**{k: jnp.asarray(v) for k, v in arrays.items()}, "packed": packed.map(jnp.asarray)}
+
+
+@pytest.fixture(params=["own keys", "shared keys"])
+def keys(request, monkeypatch):
+    import prefopt.layout
+
+    waste = 0.0 if request.param == "own keys" else math.inf
+    monkeypatch.setattr(prefopt.layout, "SHARED_KEYS_MAX_WASTE", waste)
+    return request.param
+
+
+@pytest.mark.usefixtures("keys")
+@pytest.mark.parametrize("bucket", [None, 8])
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
+def test_the_flax_shared_prompt_equals_the_unshared_path(dtype, tol, bucket):
+    nnx = pytest.importorskip("flax.nnx")
+    from prefopt.integrations.flax_llama import Llama, llama_forward, llama_group_forward
+    from prefopt.integrations.jax import sequence_logps
+
+    model = Llama(LLAMA, jnp.dtype(dtype), rngs=nnx.Rngs(1))
+    batch = packed_batch(RAGGED[0], bucket)
+    weights = jnp.linspace(0.5, 1.5, batch["mask"].size).reshape(batch["mask"].shape)
+
+    def total(model, group_fn):
+        logps, lengths = sequence_logps(llama_forward, model, batch, group_fn=group_fn)
+        return jnp.sum(logps * weights * batch["mask"]), (logps, lengths)
+
+    results = {}
+    for name, fn in (("unshared", None), ("shared", llama_group_forward)):
+        grad = nnx.grad(total, has_aux=True)
+        grads, (logps, lengths) = grad(model, fn)
+        results[name] = (logps, lengths, jax.tree.leaves(grads))
+    (a, la, ga), (b, lb, gb) = results["unshared"], results["shared"]
+    assert a.dtype == b.dtype == jnp.dtype(dtype) and np.array_equal(la, lb)
+    np.testing.assert_allclose(b, a, rtol=tol, atol=tol)
+    assert np.all(np.asarray(a)[~np.asarray(batch["mask"])] == 0)  # padding leaks not
+    assert len(ga) == len(gb) > 0
+    for x, y in zip(gb, ga):
+        np.testing.assert_allclose(x, y, rtol=tol, atol=tol * float(jnp.abs(y).max()))
+
+
+@pytest.mark.usefixtures("keys")
+def test_the_flax_shared_prompt_holds_no_array_of_two_packed_lengths():
+    nnx = pytest.importorskip("flax.nnx")
+    from prefopt.integrations.flax_llama import Llama, llama_group_forward
+
+    model = Llama(LLAMA, rngs=nnx.Rngs(1))
+    batch = packed_batch(RAGGED[0])
+    L = batch["packed"].ids.shape[1]
+    graphdef, state = nnx.split(model)
+    traced = jax.make_jaxpr(
+        lambda s: llama_group_forward(nnx.merge(graphdef, s), batch["packed"])[0]
+    )(state)
+    assert L not in (16, 32, 8, 4)  # no model size: an L in a shape is the packed length
+    assert not [s for s in _shapes(traced.jaxpr) if s.count(L) >= 2], L
+    unshared = jax.make_jaxpr(  # the check finds the (T, T) mask of the unshared forward
+        lambda s: nnx.merge(graphdef, s).hidden(jnp.zeros((2, L), int))
+    )(state)
+    assert [s for s in _shapes(unshared.jaxpr) if s.count(L) >= 2]
+
+
+def test_the_nnx_step_with_the_shared_prompt_and_a_reference_compiles_once_per_bucket():
+    optax = pytest.importorskip("optax")
+    nnx = pytest.importorskip("flax.nnx")
+    from prefopt.integrations.flax_llama import Llama, llama_forward, llama_group_forward
+    from prefopt.integrations.jax import make_nnx_train_step
+
+    losses = {}
+    for shared in (False, True):
+        model = Llama(LLAMA, rngs=nnx.Rngs(1))
+        reference = nnx.clone(model)
+        optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+        step = make_nnx_train_step(
+            llama_forward, group_forward=llama_group_forward if shared else None, beta=0.5
+        )
+        losses[shared] = [
+            float(step(model, optimizer, packed_batch(groups, 16), ref_model=reference)[0])
+            for groups in RAGGED * 2
+        ]
+        assert step._cache_size() == 1  # two ragged batches in one bucket: one compile
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+    assert losses[True][2] < losses[True][0]  # it trains against the reference
+
+
+def test_the_nnx_step_checks_values_inside_the_compiled_step():
+    optax = pytest.importorskip("optax")
+    nnx = pytest.importorskip("flax.nnx")
+    from prefopt.integrations.flax_llama import Llama, llama_forward, llama_group_forward
+    from prefopt.integrations.jax import make_nnx_train_step
+
+    model = Llama(LLAMA, rngs=nnx.Rngs(1))
+    optimizer = nnx.Optimizer(model, optax.sgd(1e-3), wrt=nnx.Param)
+    step = make_nnx_train_step(llama_forward, group_forward=llama_group_forward, checks=True)
+    batch = packed_batch(RAGGED[0])
+    assert np.isfinite(float(step(model, optimizer, batch)[0]))  # clean data runs
+    nan = {**batch, "rewards": batch["rewards"].at[0, 1].set(jnp.nan)}
+    with pytest.raises(Exception, match=r"mpo_loss: rewards must be finite where mask is true"):
+        step(model, optimizer, nan)
+    wide = {**batch, "labels": batch["labels"].at[0, 0, 4].set(32)}
+    with pytest.raises(Exception, match=r"labels must lie in \[0, 32\) .* got 1 label\(s\)"):
+        step(model, optimizer, wide)
+    with pytest.raises(TypeError, match=r"step: batch\['packed'\] must be the PackedGroups"):
+        step(model, optimizer, {**batch, "packed": {"ids": batch["input_ids"]}})

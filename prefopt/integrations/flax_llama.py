@@ -22,7 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["Llama", "llama_forward", "load_llama"]
+from prefopt.layout import PackedGroups, ResponseAttention
+
+__all__ = ["Llama", "llama_forward", "llama_group_forward", "load_llama"]
 
 
 class _RMSNorm(nnx.Module):
@@ -31,7 +33,8 @@ class _RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)  # as transformers: the statistics in float32
+        # as transformers: the statistics in float32 (float64 stays float64)
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return self.weight[...] * x32.astype(x.dtype)
 
@@ -45,6 +48,46 @@ def _rotate(x, cos, sin):
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
+
+
+def _attend(q, k, v, allowed):
+    """Softmax attention with scores in float32 at least.
+
+    q (..., Q, h, d), k and v (..., K, h, d); ``allowed`` broadcasts to (..., h, Q, K).
+    """
+    scores = jnp.einsum("...qhd,...khd->...hqk", q, k)
+    scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+    scores = jnp.where(allowed, scores / math.sqrt(q.shape[-1]), -jnp.inf)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("...hqk,...khd->...qhd", weights, v)
+
+
+def _group_attend(q, k, v, group: ResponseAttention):
+    r"""The shared group attention on packed (B, L, h, d) queries, keys and values.
+
+    The prompt attends causally over the first $P$ positions; each response attends to its
+    prompt and causally to its own tokens, over its own $P + R$ gathered keys or over the
+    $L$ packed keys (``group.shared_keys``); ``group.output`` puts the rows back in packed
+    order (see [`response_attention`][prefopt.layout.response_attention]). No array has
+    two dimensions of size $L$.
+    """
+    B, L, h, d = q.shape
+    P = group.prompt
+    prompt = _attend(q[:, :P], k[:, :P], v[:, :P], jnp.tril(jnp.ones((P, P), bool)))
+
+    def take(x, index):  # (B, L, h, d) at the (B, ...) packed positions -> (B, m, h, d)
+        return jnp.take_along_axis(x, index.reshape(B, -1)[:, :, None, None], axis=1)
+
+    if group.shared_keys:
+        responses = _attend(take(q, group.queries), k, v, group.allowed)
+    else:
+        n, R = group.queries.shape[1:]
+        K = group.keys.shape[-1]
+        own = [take(x, group.keys).reshape(B, n, K, h, d) for x in (k, v)]
+        queries = take(q, group.queries).reshape(B, n, R, h, d)
+        responses = _attend(queries, *own, group.allowed[:, :, None]).reshape(B, n * R, h, d)
+    both = jnp.concatenate([prompt, responses], axis=1)  # (B, P + n R, h, d)
+    return jnp.take_along_axis(both, group.output[:, :, None, None], axis=1)
 
 
 class _Layer(nnx.Module):
@@ -65,7 +108,7 @@ class _Layer(nnx.Module):
         self.input_layernorm = _RMSNorm(h, c["rms_norm_eps"], dtype)
         self.post_attention_layernorm = _RMSNorm(h, c["rms_norm_eps"], dtype)
 
-    def __call__(self, x, cos, sin, allowed):
+    def __call__(self, x, cos, sin, attend):
         B, T, _ = x.shape
         y = self.input_layernorm(x)
         q = self.q_proj(y).reshape(B, T, self.heads, self.head_dim)
@@ -74,11 +117,7 @@ class _Layer(nnx.Module):
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         repeat = self.heads // self.kv_heads  # grouped-query attention
         k, v = jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-        scores = jnp.where(allowed, scores / math.sqrt(self.head_dim), -jnp.inf)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(B, T, -1)
-        x = x + self.o_proj(attended)
+        x = x + self.o_proj(attend(q, k, v).reshape(B, T, -1))
         y = self.post_attention_layernorm(x)
         return x + self.down_proj(jax.nn.silu(self.gate_proj(y)) * self.up_proj(y))
 
@@ -126,20 +165,41 @@ class Llama(nnx.Module):
             else _linear(c["hidden_size"], c["vocab_size"], dtype, rngs)
         )
 
-    def hidden(self, input_ids, attention_mask):
-        """Last hidden states (B, T, H) after the final norm; positions 0.. on every row."""
+    def hidden(self, input_ids, attention_mask=None, *, positions=None, group=None):
+        """Last hidden states (B, T, H) after the final norm.
+
+        Args:
+            input_ids: (B, T) int.
+            attention_mask: (B, T), 0 on padding keys. Default ``None``: none.
+            positions: (B, T) int position ids. Default ``None``: 0 .. T-1 on every row.
+            group: A packed batch's [`ResponseAttention`][prefopt.layout.ResponseAttention]
+                (``PackedGroups.attention``): the shared group attention instead of the
+                causal one. Default ``None``.
+        """
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
         inv = 1.0 / self.rope_theta ** (
             jnp.arange(0, self.head_dim, 2, dtype=jnp.float32) / self.head_dim
         )
-        angles = jnp.arange(T, dtype=jnp.float32)[:, None] * inv[None]
-        angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]
+        angles = positions.astype(jnp.float32)[:, :, None] * inv
+        angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
         cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
-        causal = jnp.tril(jnp.ones((T, T), bool))
-        allowed = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+        if group is None:
+            allowed = jnp.tril(jnp.ones((T, T), bool))[None, None]
+            if attention_mask is not None:
+                allowed = allowed & attention_mask.astype(bool)[:, None, None, :]
+
+            def attend(q, k, v):
+                return _attend(q, k, v, allowed)
+        else:
+
+            def attend(q, k, v):
+                return _group_attend(q, k, v, group)
+
         for layer in self.layers:
-            x = layer(x, cos, sin, allowed)
+            x = layer(x, cos, sin, attend)
         return self.norm(x)
 
     def output_weight(self):
@@ -161,6 +221,19 @@ def llama_forward(model: Llama, input_ids, attention_mask):
     tensor exists.
     """
     return model.hidden(input_ids, attention_mask), model.output_weight()
+
+
+def llama_group_forward(model: Llama, packed: PackedGroups):
+    """``(hidden, weight)`` of packed groups: each prompt once, then its responses.
+
+    For the ``group_forward`` of
+    [`make_nnx_train_step`][prefopt.integrations.jax.make_nnx_train_step]: ``hidden`` is
+    (B, L, H) over the packed sequences of [`pack_groups`][prefopt.layout.pack_groups]
+    (positions restarting after the prompt, the shared group attention), and each
+    response's log-prob equals that of its own sequence.
+    """
+    hidden = model.hidden(packed.ids, positions=packed.positions, group=packed.attention)
+    return hidden, model.output_weight()
 
 
 def load_llama(path: str | Path, dtype: Any = jnp.float32) -> Llama:

@@ -13,6 +13,15 @@ output layer
 ([`fused_linear_logps`][prefopt.backends.jax.fused_linear_logps]) and no (B·n, T, V)
 logits tensor exists, forward or backward (a Flax ``nnx.Linear`` head holds its kernel as
 (H, V): return ``kernel.T``).
+
+**The shared prompt.** A batch may also hold ``packed``, the
+[`PackedGroups`][prefopt.layout.PackedGroups] of
+[`pack_groups`][prefopt.layout.pack_groups] (NumPy, on the host, then ``.map(jnp.asarray)``;
+a JAX pytree once this module is imported). Given a ``group_fn(params, packed)`` that runs
+each group as one packed sequence (each prompt once, then its responses:
+[`llama_group_forward`][prefopt.integrations.flax_llama.llama_group_forward] for the Flax
+Llama), the policy's and the reference's log-probs come from it; a batch without
+``packed`` runs ``apply_fn``. Pack with ``pad_to_multiple_of`` to bound the compiles.
 """
 
 from __future__ import annotations
@@ -29,10 +38,21 @@ import prefopt
 from prefopt import _checks
 from prefopt.backends.jax import fused_linear_logps
 from prefopt.integrations.loss import group_loss_and_metrics
+from prefopt.layout import PackedGroups, ResponseAttention
 from prefopt.losses.inputs import option_rules
 from prefopt.losses.registry import spec
 
 __all__ = ["loss_and_metrics", "make_nnx_train_step", "make_train_step", "sequence_logps"]
+
+# The packed groups travel through jit as a pytree: the arrays traced, P and the form static.
+jax.tree_util.register_dataclass(
+    ResponseAttention, data_fields=["queries", "keys", "allowed", "output"],
+    meta_fields=["prompt", "shared_keys"],
+)  # fmt: skip
+jax.tree_util.register_dataclass(
+    PackedGroups, data_fields=["ids", "positions", "rows", "cols", "owner", "targets",
+                               "attention"], meta_fields=[],
+)  # fmt: skip
 
 # The keys of a group batch and their shapes' names (collate_ids); ref_logps is optional.
 _BATCH = {"input_ids": "B, n, T", "attention_mask": "B, n, T", "labels": "B, n, T",
@@ -59,6 +79,11 @@ def _check_batch(fn: str, batch: Any, with_ref_params: bool = False) -> None:
             f"{', '.join(k for k in _BATCH if k != 'ref_logps')} (and optionally ref_logps), "
             "as collate_ids makes them"
         )
+    if "packed" in batch and not isinstance(batch["packed"], PackedGroups):
+        raise TypeError(
+            f"{fn}: batch['packed'] must be the PackedGroups of prefopt.layout.pack_groups; "
+            f"got {type(batch['packed']).__name__}"
+        )
     ids = tuple(batch["input_ids"].shape)  # (B, n, T): every other key is its first axes
     for key, names in _BATCH.items():
         rank = names.count(",") + 1
@@ -73,23 +98,32 @@ def sequence_logps(
     params: Any,
     batch: dict[str, Any],
     *,
+    group_fn: Callable[[Any, PackedGroups], Any] | None = None,
     checks: bool = False,
 ) -> tuple[Any, Any]:
     """Summed response log-probs (B, n) and response lengths (B, n) of a group batch.
 
     Prompt and padding tokens carry label -100 and count for nothing. ``apply_fn`` returns
     logits or ``(hidden, weight)`` (the fused output layer; see the module docstring).
-    ``checks=True`` places a ``checkify`` check that every label is -100 or in [0, V) (see
+    With ``group_fn`` and a batch holding ``packed`` (see the module docstring), the model
+    runs each group as one packed sequence, ``group_fn(params, packed)``, returning (B, L,
+    V) logits or ``(hidden, weight)`` with hidden (B, L, H); only the positions that
+    predict a counted token are read. ``checks=True`` places a ``checkify`` check that
+    every label is -100 or in [0, V) (see
     [`make_train_step`][prefopt.integrations.jax.make_train_step]); only inside a function
     that ``jax.experimental.checkify.checkify`` transforms.
     """
     B, n, T = batch["input_ids"].shape
-    out = apply_fn(
-        params,
-        batch["input_ids"].reshape(B * n, T),
-        batch["attention_mask"].reshape(B * n, T),
-    )
     labels = batch["labels"].reshape(B * n, T)
+    packed = batch.get("packed") if group_fn is not None else None
+    if packed is not None:
+        out = group_fn(params, packed)
+    else:
+        out = apply_fn(
+            params,
+            batch["input_ids"].reshape(B * n, T),
+            batch["attention_mask"].reshape(B * n, T),
+        )
     if checks:
         from jax.experimental import checkify
 
@@ -101,7 +135,18 @@ def sequence_logps(
             "got {} label(s) outside",
             bad,
         )
-    if isinstance(out, tuple):
+    if packed is not None:
+        at = (packed.rows, packed.cols)  # the positions that predict a counted token
+        if isinstance(out, tuple):
+            hidden, weight, *bias = out
+            bias = bias[0] if bias else None
+            tokens = fused_linear_logps(hidden[at], weight, packed.targets, bias=bias)
+        else:
+            tokens = prefopt.token_logps(out[at], packed.targets)
+        # padded tokens (pack_groups(pad_to_multiple_of=...)) belong to response B n: dropped
+        logps = jax.ops.segment_sum(tokens, packed.owner, num_segments=B * n)
+        lengths = jnp.sum(labels != -100, axis=-1).astype(logps.dtype)
+    elif isinstance(out, tuple):
         hidden, weight, *bias = out
         shifted = prefopt.shift_labels(labels)
         tokens = fused_linear_logps(hidden, weight, shifted, bias=bias[0] if bias else None)
@@ -116,6 +161,7 @@ def loss_and_metrics(
     batch: dict[str, Any],
     *,
     apply_fn: Callable[[Any, Any, Any], Any],
+    group_fn: Callable[[Any, PackedGroups], Any] | None = None,
     ref_params: Any = None,
     loss: str = "mpo",
     pairs: str = "all",
@@ -138,6 +184,9 @@ def loss_and_metrics(
         batch: The group batch (see the module docstring).
         apply_fn: ``(params, input_ids, attention_mask) -> logits`` or ``-> (hidden,
             weight)``.
+        group_fn: ``(params, packed) -> logits`` or ``-> (hidden, weight)`` over packed
+            groups, used for a batch holding ``packed`` (see the module docstring).
+            Default ``None``: ``apply_fn`` always.
         ref_params: The reference parameters (a pytree for ``apply_fn``, e.g. the
             starting ones), or ``None`` (default): ``batch["ref_logps"]`` if there, else
             none.
@@ -168,10 +217,11 @@ def loss_and_metrics(
     _check_batch("loss_and_metrics", batch, ref_params is not None)
     if checks:
         _value_checks(loss, batch, options)
-    logps, lengths = sequence_logps(apply_fn, params, batch, checks=checks)
+    logps, lengths = sequence_logps(apply_fn, params, batch, group_fn=group_fn, checks=checks)
     ref = batch.get("ref_logps")
     if ref_params is not None:
-        ref = jax.lax.stop_gradient(sequence_logps(apply_fn, ref_params, batch)[0])
+        ref_logps = sequence_logps(apply_fn, ref_params, batch, group_fn=group_fn)[0]
+        ref = jax.lax.stop_gradient(ref_logps)
     return group_loss_and_metrics(loss, logps, ref, batch, lengths, pairs=pairs, options=options)
 
 
@@ -218,6 +268,7 @@ def make_train_step(
     apply_fn: Callable[[Any, Any, Any], Any],
     optimizer: Any,
     *,
+    group_fn: Callable[[Any, PackedGroups], Any] | None = None,
     loss: str = "mpo",
     pairs: str = "all",
     checks: bool = False,
@@ -229,6 +280,9 @@ def make_train_step(
         apply_fn: ``(params, input_ids, attention_mask) -> logits``, or ``-> (hidden,
             weight)`` for the fused output layer (see the module docstring).
         optimizer: An ``optax.GradientTransformation``.
+        group_fn: ``(params, packed) -> logits`` or ``-> (hidden, weight)``: the shared
+            prompt for batches holding ``packed`` (see the module docstring). Default
+            ``None``.
         loss: A registered loss name. Default ``"mpo"``.
         pairs: ``"all"`` (default) or ``"best_worst"``, for pairwise losses.
         checks: Check inside the compiled step what only values tell, with the eager
@@ -282,8 +336,8 @@ def make_train_step(
 
     def step(params, opt_state, batch, ref_params=None, **schedule):
         (value, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(
-            params, batch, apply_fn=apply_fn, ref_params=ref_params, loss=loss, pairs=pairs,
-            checks=checks, **{**options, **schedule},
+            params, batch, apply_fn=apply_fn, group_fn=group_fn, ref_params=ref_params,
+            loss=loss, pairs=pairs, checks=checks, **{**options, **schedule},
         )  # fmt: skip
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value, metrics
@@ -311,8 +365,10 @@ def make_train_step(
 def make_nnx_train_step(
     forward: Callable[[Any, Any, Any], Any],
     *,
+    group_forward: Callable[[Any, PackedGroups], Any] | None = None,
     loss: str = "mpo",
     pairs: str = "all",
+    checks: bool = False,
     **options: Any,
 ) -> Callable:
     """A train step for a Flax NNX model and ``nnx.Optimizer``: no split or merge to write.
@@ -321,8 +377,15 @@ def make_nnx_train_step(
         forward: ``(model, input_ids, attention_mask) -> logits`` (B·n, T, V), or ``->
             (hidden, weight)`` for the fused output layer (see the module docstring; an
             ``nnx.Linear`` head: ``model.out.kernel[...].T``).
+        group_forward: ``(model, packed) -> logits`` or ``-> (hidden, weight)``: the
+            shared prompt for batches holding ``packed`` (see the module docstring;
+            [`llama_group_forward`][prefopt.integrations.flax_llama.llama_group_forward]).
+            Default ``None``.
         loss: A registered loss name. Default ``"mpo"``.
         pairs: ``"all"`` (default) or ``"best_worst"``, for pairwise losses.
+        checks: The value checks inside the compiled step, as for
+            [`make_train_step`][prefopt.integrations.jax.make_train_step]. Default
+            ``False``.
         **options: Options of the loss (checked here, with the loss's own messages).
 
     Returns:
@@ -332,7 +395,8 @@ def make_nnx_train_step(
         model of the same kind (``nnx.clone(model)`` before training), whose log-probs the
         step computes with no gradient; ``None``: ``batch["ref_logps"]`` or
         reference-free. ``schedule`` and the checks of each call are those of
-        [`make_train_step`][prefopt.integrations.jax.make_train_step].
+        [`make_train_step`][prefopt.integrations.jax.make_train_step]; ``step.jitted`` is
+        the ``nnx.jit`` function, ``step._cache_size()`` its number of compiles.
 
     Examples:
         The "Flax NNX" part of the JAX and optax docs page runs one step on a small NNX
@@ -345,24 +409,30 @@ def make_nnx_train_step(
     found = spec(loss, "make_nnx_train_step")
     found.config(options, fn="make_nnx_train_step")
 
-    @nnx.jit
-    def step(model, optimizer, batch, ref_model, schedule):
+    def update(model, optimizer, batch, ref_model, schedule):
         def objective(model):
             return loss_and_metrics(
-                model, batch, apply_fn=forward, ref_params=ref_model, loss=loss, pairs=pairs,
-                **{**options, **schedule},
+                model, batch, apply_fn=forward, group_fn=group_forward, ref_params=ref_model,
+                loss=loss, pairs=pairs, checks=checks, **{**options, **schedule},
             )  # fmt: skip
 
         (value, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(model)
         optimizer.update(model, grads)
         return value, metrics
 
+    step = run = nnx.jit(update)
+    if checks:
+        from jax.experimental import checkify
+
+        run = _throwing(nnx.checkify(step, errors=checkify.user_checks))
+
     def checked(model, optimizer, batch, ref_model=None, **schedule):
         found.config({**options, **schedule}, fn="make_nnx_train_step: step")
         _check_batch("make_nnx_train_step: step", batch, ref_model is not None)
-        return step(model, optimizer, batch, ref_model, schedule)
+        return run(model, optimizer, batch, ref_model, schedule)
 
     checked.jitted = step
+    checked._cache_size = step.jitted_fn._cache_size
     return checked
 
 
