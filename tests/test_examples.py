@@ -37,17 +37,6 @@ def test_training_loops(script):
     assert out.count("step") == 2 and "loss" in out
 
 
-def test_flax_group_forward_equals_unshared_and_trains():
-    # the script asserts shared == unshared (values and gradients) before training
-    out = run(EXAMPLES / "mpo_flax_group.py", "--steps", "30")
-    assert "shared == unshared" in out
-    probes = [
-        float(line.split("p(target) ")[1]) for line in out.splitlines() if "p(target)" in line
-    ]
-    assert len(probes) == 3 and probes[-1] > probes[0]
-    assert "train_step compiled 1 time(s) for 30 betas" in out  # beta traced, on a schedule
-
-
 def test_on_policy_with_your_own_model_prompts_and_reward():
     pytest.importorskip("transformers")  # prefopt.cli's training stack, imported inside
     pytest.importorskip("torch")

@@ -343,3 +343,23 @@ def test_the_flax_llama_in_bfloat16_keeps_the_log_sum_exp_in_float32():
     # of its size (measured: 0.2 % to 3.6 % on these four answers)
     error = np.abs(np.asarray(half) - np.asarray(exact)) / np.abs(np.asarray(exact))
     assert error.max() < 0.1, error
+
+
+def test_the_flax_group_example_trains_smollm2_with_the_shared_prompt():
+    # examples/mpo_flax_group.py: the NNX step with the reference and the shared prompt
+    pytest.importorskip("flax")
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "examples" / "mpo_flax_group.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--steps", "2"], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    ranked = [float(line.split("first in ")[1].split()[0]) for line in lines if "first in" in line]
+    losses = [float(line.split("loss ")[1].split()[0]) for line in lines if " loss " in line]
+    assert len(ranked) == 2 and all(0.0 <= r <= 1.0 for r in ranked)
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert "step compiled 1 time(s)" in out.stdout  # two batches, one bucket

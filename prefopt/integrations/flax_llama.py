@@ -165,7 +165,14 @@ class Llama(nnx.Module):
             else _linear(c["hidden_size"], c["vocab_size"], dtype, rngs)
         )
 
-    def hidden(self, input_ids, attention_mask=None, *, positions=None, group=None):
+    def hidden(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        *,
+        positions: Any = None,
+        group: ResponseAttention | None = None,
+    ) -> Any:
         """Last hidden states (B, T, H) after the final norm.
 
         Args:
