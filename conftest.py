@@ -20,6 +20,7 @@ _NEEDS = {
     "prefopt/integrations/trl.py": "trl",
     "prefopt/integrations/jax.py": "optax",
     "prefopt/integrations/flax_llama.py": "flax",
+    "prefopt/integrations/tunix.py": "tunix",
 }
 
 collect_ignore = ["tests/scripts"] + [

@@ -23,6 +23,7 @@ def public_symbols():
         "prefopt.integrations.trl",
         "prefopt.integrations.jax",
         "prefopt.integrations.flax_llama",
+        "prefopt.integrations.tunix",
         "prefopt.losses.registry",
         "prefopt.layout",
         "prefopt.cli.config",

@@ -11,8 +11,6 @@ from __future__ import annotations
 import random
 import re
 
-import torch
-
 LETTERS = list("abcdefgh")
 VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", "copy:", *LETTERS]
 
@@ -39,6 +37,7 @@ def builtin_tokenizer():
 
 def builtin_model(tokenizer, seed: int):
     """A 2-layer, 64-wide Llama with random weights (about 0.1 M parameters)."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
