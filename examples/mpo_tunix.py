@@ -180,7 +180,7 @@ def main(argv=None):
 
     c = cluster(policy, reference, tokenizer, where, lr=lr, steps=args.steps, max_tokens=max_tokens)
     config = grpo_learner.GRPOConfig(num_generations=4, num_iterations=1)
-    learner = GroupPreferenceGRPOLearner(c, config, reward, loss="mpo", beta=0.1)
+    learner = GroupPreferenceGRPOLearner(c, config, reward, loss="mpo", loss_options={"beta": 0.1})
     data = grain.MapDataset.source(prompts).batch(2).map(lambda x: {"prompts": x})
     start = time.perf_counter()
     learner.train(data)

@@ -57,7 +57,8 @@ def learner(c, **options):
     from tunix.rl.grpo import grpo_learner
 
     config = grpo_learner.GRPOConfig(num_generations=N, num_iterations=1)
-    return GroupPreferenceGRPOLearner(c, config, reward, **{"loss": "mpo", "beta": 0.1, **options})
+    options = {"loss_options": {"beta": 0.1}, **options}
+    return GroupPreferenceGRPOLearner(c, config, reward, **options)
 
 
 def params(model):
@@ -153,6 +154,9 @@ def test_what_would_split_groups_or_break_the_loss_is_refused():
         learner(cluster(packing=64))
     c = cluster()
     with pytest.raises(ValueError, match="mpo_loss: beta must be a finite number > 0; got -1.0"):
-        learner(c, beta=-1.0)
+        learner(c, loss_options={"beta": -1.0})
     with pytest.raises(ValueError, match="pairs must be 'all' or 'best_worst'; got 'x'"):
         learner(c, pairs="x")
+    with pytest.raises(ValueError, match="pairs='best_worst' is for a pairwise loss"):
+        learner(c, pairs="best_worst")
+    assert learner(c, loss="sigmoid", loss_options={"beta": 0.2}, pairs="best_worst").pairs

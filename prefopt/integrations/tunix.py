@@ -109,10 +109,11 @@ class GroupPreferenceGRPOLearner(grpo_learner.GRPOLearner):
             are unused.
         reward_fns: tunix reward functions (their sum per completion is the reward).
         loss: A registered group or pairwise loss. Default ``"mpo"``.
+        loss_options: Its options (``{"beta": 0.1, "alpha": 1.0}``...), checked here;
+            the others keep the loss's defaults. Default ``None``.
         pairs: ``"all"`` (default) or ``"best_worst"``, for a pairwise loss.
         metric_fns: tunix metric functions. Default ``None``.
         data_shuffle_seed: As for tunix. Default ``None``.
-        **options: Options of the loss (``beta``, ``alpha``...), checked here.
 
     Raises:
         ValueError: Sequence packing (``max_seq_token_per_tpu``), a loss that cannot
@@ -126,18 +127,23 @@ class GroupPreferenceGRPOLearner(grpo_learner.GRPOLearner):
         reward_fns: Callable | Sequence[Callable],
         *,
         loss: str = "mpo",
+        loss_options: dict[str, Any] | None = None,
         pairs: str = "all",
         metric_fns: Sequence[Callable] | None = None,
         data_shuffle_seed: int | None = None,
-        **options: Any,
     ):
-        found = spec(loss, WHERE)
-        found.config(options, fn=WHERE)
-        why = found.refuses_groups(algo_config.num_generations)
-        if why is not None:
-            raise ValueError(f"{WHERE}: {why}")
+        found = spec(loss, f"{WHERE}: loss")
         if pairs not in ("all", "best_worst"):
             raise ValueError(f"{WHERE}: pairs must be 'all' or 'best_worst'; got {pairs!r}")
+        if pairs != "all" and found.kind == "group":
+            raise ValueError(
+                f"{WHERE}: pairs={pairs!r} is for a pairwise loss; {loss!r} takes whole groups"
+            )
+        n = algo_config.num_generations
+        why = found.refuses_groups(n)
+        if why is not None:
+            raise ValueError(f"{WHERE}: loss {loss!r} {why}; set num_generations=2 (got {n})")
+        options = dict(found.config(loss_options, fn=WHERE).options)
         packing = rl_cluster.cluster_config.training_config.max_seq_token_per_tpu
         if packing is not None:
             raise ValueError(
@@ -156,7 +162,6 @@ class GroupPreferenceGRPOLearner(grpo_learner.GRPOLearner):
             data_shuffle_seed=data_shuffle_seed,
         )
         pad, eos = rl_cluster.rollout.pad_id(), rl_cluster.rollout.eos_id()
-        n = algo_config.num_generations
 
         def loss_fn(model, train_example, algo_config):
             return self._loss(model, train_example, n, pad)
