@@ -14,7 +14,6 @@ about 1e-4 in float32 (a test checks it).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from prefopt.integrations.jax import group_attention, masked_attention
 from prefopt.layout import PackedGroups, ResponseAttention
 
 __all__ = ["Llama", "llama_forward", "llama_group_forward", "load_llama"]
@@ -48,46 +48,6 @@ def _rotate(x, cos, sin):
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
-
-
-def _attend(q, k, v, allowed):
-    """Softmax attention with scores in float32 at least.
-
-    q (..., Q, h, d), k and v (..., K, h, d); ``allowed`` broadcasts to (..., h, Q, K).
-    """
-    scores = jnp.einsum("...qhd,...khd->...hqk", q, k)
-    scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
-    scores = jnp.where(allowed, scores / math.sqrt(q.shape[-1]), -jnp.inf)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("...hqk,...khd->...qhd", weights, v)
-
-
-def _group_attend(q, k, v, group: ResponseAttention):
-    r"""The shared group attention on packed (B, L, h, d) queries, keys and values.
-
-    The prompt attends causally over the first $P$ positions; each response attends to its
-    prompt and causally to its own tokens, over its own $P + R$ gathered keys or over the
-    $L$ packed keys (``group.shared_keys``); ``group.output`` puts the rows back in packed
-    order (see [`response_attention`][prefopt.layout.response_attention]). No array has
-    two dimensions of size $L$.
-    """
-    B, L, h, d = q.shape
-    P = group.prompt
-    prompt = _attend(q[:, :P], k[:, :P], v[:, :P], jnp.tril(jnp.ones((P, P), bool)))
-
-    def take(x, index):  # (B, L, h, d) at the (B, ...) packed positions -> (B, m, h, d)
-        return jnp.take_along_axis(x, index.reshape(B, -1)[:, :, None, None], axis=1)
-
-    if group.shared_keys:
-        responses = _attend(take(q, group.queries), k, v, group.allowed)
-    else:
-        n, R = group.queries.shape[1:]
-        K = group.keys.shape[-1]
-        own = [take(x, group.keys).reshape(B, n, K, h, d) for x in (k, v)]
-        queries = take(q, group.queries).reshape(B, n, R, h, d)
-        responses = _attend(queries, *own, group.allowed[:, :, None]).reshape(B, n * R, h, d)
-    both = jnp.concatenate([prompt, responses], axis=1)  # (B, P + n R, h, d)
-    return jnp.take_along_axis(both, group.output[:, :, None, None], axis=1)
 
 
 class _Layer(nnx.Module):
@@ -199,11 +159,11 @@ class Llama(nnx.Module):
                 allowed = allowed & attention_mask.astype(bool)[:, None, None, :]
 
             def attend(q, k, v):
-                return _attend(q, k, v, allowed)
+                return masked_attention(q, k, v, allowed)
         else:
 
             def attend(q, k, v):
-                return _group_attend(q, k, v, group)
+                return group_attention(q, k, v, group)
 
         for layer in self.layers:
             x = layer(x, cos, sin, attend)

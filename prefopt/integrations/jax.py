@@ -42,7 +42,14 @@ from prefopt.layout import PackedGroups, ResponseAttention
 from prefopt.losses.inputs import option_rules
 from prefopt.losses.registry import spec
 
-__all__ = ["loss_and_metrics", "make_nnx_train_step", "make_train_step", "sequence_logps"]
+__all__ = [
+    "group_attention",
+    "loss_and_metrics",
+    "make_nnx_train_step",
+    "make_train_step",
+    "masked_attention",
+    "sequence_logps",
+]
 
 # The packed groups travel through jit as a pytree: the arrays traced, P and the form static.
 jax.tree_util.register_dataclass(
@@ -91,6 +98,73 @@ def _check_batch(fn: str, batch: Any, with_ref_params: bool = False) -> None:
             raise ValueError(
                 f"{fn}: batch[{key!r}] must have shape ({names}); got {tuple(batch[key].shape)}"
             )
+
+
+def masked_attention(query: Any, key: Any, value: Any, allowed: Any) -> Any:
+    r"""Softmax attention over the keys ``allowed`` says, its scores in float32 at least.
+
+    $\mathrm{softmax}(Q K^\top / \sqrt{d} + M)\, V$ with $M = 0$ where allowed, $-\infty$
+    elsewhere (every query must be allowed some key); bfloat16 inputs give bfloat16
+    outputs, float64 stays float64.
+
+    Args:
+        query: (..., Q, heads, d).
+        key: (..., K, heads, d) (grouped-query heads repeated to ``heads``).
+        value: (..., K, heads, d).
+        allowed: bool, broadcasting to (..., heads, Q, K).
+
+    Returns:
+        (..., Q, heads, d).
+    """
+    scores = jnp.einsum("...qhd,...khd->...hqk", query, key)
+    scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+    scores = jnp.where(allowed, scores / math.sqrt(query.shape[-1]), -jnp.inf)
+    weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+    return jnp.einsum("...hqk,...khd->...qhd", weights, value)
+
+
+def group_attention(query: Any, key: Any, value: Any, group: ResponseAttention) -> Any:
+    r"""The shared group attention of packed sequences: the prompt once, each response on it.
+
+    For a Flax (or any JAX) attention layer run on [`PackedGroups`][prefopt.layout.PackedGroups]
+    ``ids`` at ``positions``: the prompt attends causally over the first $P$ positions;
+    each response attends to its prompt and causally to its own tokens, over its own
+    $P + R$ gathered keys or over the $L$ packed keys (``group.shared_keys``); the outputs
+    are put back in packed order (``group.output``; see
+    [`response_attention`][prefopt.layout.response_attention]). Every token sees what it
+    sees in its own unshared sequence, and no array has two dimensions of size $L$.
+    [`llama_group_forward`][prefopt.integrations.flax_llama.llama_group_forward] runs it in
+    every layer.
+
+    Args:
+        query: (B, L, heads, d) after the rotary embedding.
+        key: (B, L, heads, d) (grouped-query heads repeated to ``heads``).
+        value: (B, L, heads, d).
+        group: The batch's [`ResponseAttention`][prefopt.layout.ResponseAttention]
+            (``PackedGroups.attention``).
+
+    Returns:
+        (B, L, heads, d).
+    """
+    B, L, h, d = query.shape
+    P = group.prompt
+    causal = jnp.tril(jnp.ones((P, P), bool))
+    prompt = masked_attention(query[:, :P], key[:, :P], value[:, :P], causal)
+
+    def take(x, index):  # (B, L, h, d) at the (B, ...) packed positions -> (B, m, h, d)
+        return jnp.take_along_axis(x, index.reshape(B, -1)[:, :, None, None], axis=1)
+
+    if group.shared_keys:
+        responses = masked_attention(take(query, group.queries), key, value, group.allowed)
+    else:
+        n, R = group.queries.shape[1:]
+        K = group.keys.shape[-1]
+        own = [take(x, group.keys).reshape(B, n, K, h, d) for x in (key, value)]
+        queries = take(query, group.queries).reshape(B, n, R, h, d)
+        responses = masked_attention(queries, *own, group.allowed[:, :, None])
+        responses = responses.reshape(B, n * R, h, d)
+    both = jnp.concatenate([prompt, responses], axis=1)  # (B, P + n R, h, d)
+    return jnp.take_along_axis(both, group.output[:, :, None, None], axis=1)
 
 
 def sequence_logps(
