@@ -242,3 +242,29 @@ def test_a_loss_config_is_validated_once_and_frozen():
         found.config({"beta": -1.0})
     with pytest.raises(TypeError, match=r"^here: mpo takes no option\(s\) \['tau'\]"):
         found.config({"tau": 1.0}, fn="here")
+
+
+@pytest.mark.parametrize("name", sorted(prefopt.available_losses()))
+def test_every_loss_passes_each_of_its_parameters_by_name_to_its_checks(name, monkeypatch):
+    # A loss opens with pair_inputs(loss, dict(name=value, ...)): by name, so no two options
+    # can be swapped; one left out would silently keep its default, which this catches.
+    import inspect
+
+    import prefopt.losses.inputs as inputs
+    import prefopt.losses.pairwise as pairwise
+    from tests.cases import VARIANTS, make_case
+
+    seen = []
+    original = inputs.checked_options
+
+    def record(fn, args, *rest):
+        seen.append(set(args))
+        return original(fn, args, *rest)
+
+    monkeypatch.setattr(inputs, "checked_options", record)
+    monkeypatch.setattr(pairwise, "checked_options", record)  # aot_loss calls it directly
+    fn = prefopt.get_loss(name)
+    rng = np.random.default_rng(0)
+    positional, keywords, options = make_case(name, "random", rng, VARIANTS.get(name, [{}])[0])
+    fn(*positional, **keywords, **options)
+    assert seen and seen[0] >= set(inspect.signature(fn).parameters), name

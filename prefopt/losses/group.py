@@ -21,7 +21,6 @@ from prefopt._ops import (
 from prefopt.losses.inputs import (
     WEIGHTINGS,
     Group,
-    bound,
     group_inputs,
     nan_where_unchecked,
     reward_group,
@@ -218,8 +217,11 @@ def mpo_loss(
         >>> prefopt.mpo_loss(logps, None, rewards, weighting="none").round(6)
         array([0.598139])
     """
-    return mpo_terms(mpo_loss, (logps, ref_logps, rewards, mask, chosen, lengths, beta,
-        alpha, weighting, check_values, xp))[0]  # fmt: skip
+    return mpo_terms(mpo_loss, dict(
+        logps=logps, ref_logps=ref_logps, rewards=rewards, mask=mask, chosen=chosen,
+        lengths=lengths, beta=beta, alpha=alpha, weighting=weighting, check_values=check_values,
+        xp=xp,
+    ))[0]  # fmt: skip
 
 
 def mpo_terms(fn, args) -> tuple[Array, Array]:
@@ -227,8 +229,7 @@ def mpo_terms(fn, args) -> tuple[Array, Array]:
 
     ``MPOLoss`` takes ``counted`` from here for its mean instead of splitting again.
     """
-    _, args = bound(fn, args)
-    g = group_inputs(fn, args)  # the function with its named arguments
+    g = group_inputs(fn, args)
     groups = split(g, g.chosen)
     xp, s = g.xp, g.scores
     if args["weighting"] != "none":
@@ -304,8 +305,10 @@ def infonca_loss(
         Chen et al., "Noise Contrastive Alignment of Language Models with Explicit
         Rewards", NeurIPS 2024, arXiv:2402.05369.
     """
-    g = group_inputs(infonca_loss, (logps, ref_logps, rewards, mask, lengths, beta,
-        tau, check_values, xp))  # fmt: skip
+    g = group_inputs(infonca_loss, dict(
+        logps=logps, ref_logps=ref_logps, rewards=rewards, mask=mask, lengths=lengths, beta=beta,
+        tau=tau, check_values=check_values, xp=xp,
+    ))  # fmt: skip
     valid = valid_of(g)
     terms = _target(g.rewards, valid, g.options["tau"], g.scores.dtype, g.xp) * _log_softmax(
         g.scores, valid, g.xp
@@ -359,8 +362,10 @@ def nca_loss(
         Chen et al., "Noise Contrastive Alignment of Language Models with Explicit
         Rewards", NeurIPS 2024, arXiv:2402.05369.
     """
-    g = group_inputs(nca_loss, (logps, ref_logps, rewards, mask, lengths, beta, tau,
-        check_values, xp))  # fmt: skip
+    g = group_inputs(nca_loss, dict(
+        logps=logps, ref_logps=ref_logps, rewards=rewards, mask=mask, lengths=lengths, beta=beta,
+        tau=tau, check_values=check_values, xp=xp,
+    ))  # fmt: skip
     xp, s, valid = g.xp, g.scores, valid_of(g)
     count = xp.clip(xp.sum(xp.astype(valid, s.dtype), axis=-1, keepdims=True), min=1.0)
     p = _target(g.rewards, valid, g.options["tau"], s.dtype, xp)
@@ -420,8 +425,10 @@ def plackett_luce_loss(
         Rafailov et al., "Direct Preference Optimization", NeurIPS 2023, arXiv:2305.18290,
         appendix A.3 (the Plackett-Luce model).
     """
-    g = group_inputs(plackett_luce_loss, (logps, ref_logps, rewards, mask, lengths,
-        beta, check_values, xp))  # fmt: skip
+    g = group_inputs(plackett_luce_loss, dict(
+        logps=logps, ref_logps=ref_logps, rewards=rewards, mask=mask, lengths=lengths, beta=beta,
+        check_values=check_values, xp=xp,
+    ))  # fmt: skip
     xp, s, valid = g.xp, g.scores, valid_of(g)
     # The responses still to be placed when slot i is picked: i and all ranked after it.
     # The last one's term is s - logsumexp({s}) = 0 exactly, so k runs over all slots.
@@ -477,8 +484,10 @@ def lipo_loss(
         Liu et al., "LiPO: Listwise Preference Optimization through Learning-to-Rank",
         arXiv:2402.01878.
     """
-    g = group_inputs(lipo_loss, (logps, ref_logps, rewards, mask, lengths, beta,
-        check_values, xp))  # fmt: skip
+    g = group_inputs(lipo_loss, dict(
+        logps=logps, ref_logps=ref_logps, rewards=rewards, mask=mask, lengths=lengths, beta=beta,
+        check_values=check_values, xp=xp,
+    ))  # fmt: skip
     xp, s, r, valid = g.xp, g.scores, g.rewards, valid_of(g)
     gain = xp.expm1(r * math.log(2.0))  # 2^r - 1; 0 on padding
     ideal_rank = 1.0 + xp.sum(xp.astype(_ranked_before(r, valid, xp), r.dtype), axis=-1)

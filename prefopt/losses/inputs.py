@@ -1,12 +1,12 @@
 """The inputs of a loss, checked and prepared: the pair, group and unpaired layouts side by side.
 
-Each loss opens with one call, ``pair_inputs(loss, (its parameters' values))``,
-``group_inputs(...)`` or ``unpaired_inputs(...)``: the values are named by the loss's own
-signature (read once, ``bound``), so no loss restates its parameter names; the call
+Each loss opens with one call, ``pair_inputs(loss, dict(name=value, ...))``,
+``group_inputs(...)`` or ``unpaired_inputs(...)``, every parameter passed by its name (no
+order to get wrong; a test checks that each loss passes all of its parameters): the call
 checks shapes, dtypes and options, and returns a small named structure: the namespace, the
 log-ratios (or scores) in the compute dtype, and the checked options. The loss's body is
-then its formula. The values are passed positionally, which ``torch.compile(fullgraph=True)``
-traces on every supported torch (``locals()`` only on torch 2.13 and later).
+then its formula. A ``dict`` of keywords is what ``torch.compile(fullgraph=True)`` traces
+on every supported torch (``locals()`` only on torch 2.13 and later).
 
 Shapes, ranks, dtypes and options are checked on every call, traced or not (they are
 static). Values (finite rewards, positive lengths) follow ``check_values``; see
@@ -29,24 +29,6 @@ from prefopt._ops import Array, get_namespace, log_sigmoid, stop_gradient
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 WEIGHTINGS = ("abs", "signed", "squared", "none")
-
-
-def bound(fn, args) -> tuple[str, Mapping[str, Any]]:
-    """``(name, arguments)`` of a loss's call, named by the loss's signature.
-
-    ``fn`` is the loss and ``args`` its values in order, or a dict of its arguments (the
-    modules, ``batch_loss``); or a caller's name and a dict (the metrics).
-    """
-    if not callable(fn):
-        return fn, args
-    if type(args) is tuple:  # a loss passes every parameter, in order
-        return fn.__name__, dict(zip(_parameters(fn), args, strict=True))
-    return fn.__name__, args
-
-
-@functools.cache
-def _parameters(loss) -> tuple[str, ...]:
-    return tuple(inspect.signature(loss).parameters)
 
 
 # The checks of the options that mean the same in every loss; a loss with a narrower range
@@ -205,16 +187,15 @@ def pair_inputs(fn, args, *, squared: bool = False) -> Pair:
     """Check a pairwise loss's arguments; return a ``Pair``.
 
     Args:
-        fn: The loss function (``args`` its parameters' values, in order), or its name
-            (``args`` a dict of them), for errors.
-        args: Its arguments: ``chosen_logps``, ``rejected_logps``, optionally the reference
-            and lengths arrays, ``beta``, ``f_divergence``/``f_alpha`` and ``xp``.
+        fn: The loss function (its name for errors, its narrower option ranges), or a
+            caller's name (the metrics).
+        args: Its arguments by name: ``chosen_logps``, ``rejected_logps``, optionally the
+            reference and lengths arrays, ``beta``, ``f_divergence``/``f_alpha`` and ``xp``.
         squared: The loss squares a difference of transformed log-ratios (IPO, SPPO): the
             f-divergence exponent is clipped where that square would overflow.
     """
     lengths = lengths_kind(fn) if callable(fn) else "optional"  # the metrics: optional
-    loss = fn  # the function: its own option ranges (narrower)
-    fn, args = bound(fn, args)
+    loss, fn = fn, _name(fn)  # the function (its own option ranges), and its name
     arrays = pair_arrays(
         fn,
         args["chosen_logps"],
@@ -457,16 +438,15 @@ def group_inputs(fn, args) -> Group:
     """Check a group loss's arguments; return a ``Group``.
 
     Args:
-        fn: The loss function (``args`` its values, in order), or its name (``args`` a
-            dict), for errors.
-        args: Its arguments: ``logps``, ``ref_logps``, ``rewards``, optionally ``mask``,
+        fn: The loss function (its name for errors, its narrower option ranges), or a
+            caller's name (the metrics).
+        args: Its arguments by name: ``logps``, ``ref_logps``, ``rewards``, optionally ``mask``,
             ``chosen`` and ``lengths``, ``beta``, ``check_values`` and ``xp``.
 
     Groups of no response (n = 0) are one padding slot each: every group loss is then 0
     for them, as for any group without a valid response.
     """
-    loss = fn  # the function: its own option ranges (narrower)
-    fn, args = bound(fn, args)
+    loss, fn = fn, _name(fn)  # the function (its own option ranges), and its name
     check_values, chosen = args.get("check_values"), args.get("chosen")
     xp, logps, ref_logps, rewards, mask, lengths = group_arrays(
         fn,
@@ -632,8 +612,7 @@ class Unpaired(NamedTuple):
 
 def unpaired_inputs(fn, args) -> Unpaired:
     """Check an unpaired loss's arguments (see ``pair_inputs``); return ``Unpaired``."""
-    loss = fn  # the function: its own option ranges (narrower)
-    fn, args = bound(fn, args)
+    loss, fn = fn, _name(fn)  # the function (its own option ranges), and its name
     logps, ref_logps = args["logps"], args["ref_logps"]
     xp = get_namespace(logps, ref_logps, args.get("desirable"), xp=args.get("xp"), fn=fn)
     h = log_ratios(fn, logps, ref_logps, xp)

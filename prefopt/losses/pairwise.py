@@ -8,7 +8,6 @@ from types import ModuleType
 from prefopt._ops import Array, log_sigmoid, sigmoid, softplus
 from prefopt.losses.inputs import (
     F_DIVERGENCES,
-    bound,
     checked_options,
     narrower,
     pair_arrays,
@@ -94,8 +93,11 @@ def dpo_loss(
         ...                  np.array([-8.0]), beta=0.5)
         array([0.31326169])
     """
-    p = pair_inputs(dpo_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
-        ref_rejected_logps, beta, label_smoothing, f_divergence, f_alpha, xp))  # fmt: skip
+    p = pair_inputs(dpo_loss, dict(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps, beta=beta, label_smoothing=label_smoothing,
+        f_divergence=f_divergence, f_alpha=f_alpha, xp=xp,
+    ))  # fmt: skip
     return smoothed_sigmoid_loss(p.margin(negated=True), p.options["label_smoothing"], p.xp)
 
 
@@ -145,8 +147,11 @@ def robust_dpo_loss(
         Chowdhury et al., "Provably Robust DPO: Aligning Language Models with Noisy
         Feedback", ICML 2024, arXiv:2403.00409.
     """
-    p = pair_inputs(robust_dpo_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
-        ref_rejected_logps, beta, label_smoothing, f_divergence, f_alpha, xp))  # fmt: skip
+    p = pair_inputs(robust_dpo_loss, dict(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps, beta=beta, label_smoothing=label_smoothing,
+        f_divergence=f_divergence, f_alpha=f_alpha, xp=xp,
+    ))  # fmt: skip
     eps = p.options["label_smoothing"]
     z = p.margin()
     loss = (1.0 - eps) * (0.0 - log_sigmoid(z, xp=p.xp)) + eps * log_sigmoid(-z, xp=p.xp)
@@ -202,9 +207,12 @@ def ipo_loss(
         Azar et al., "A General Theoretical Paradigm to Understand Learning from Human
         Preferences", AISTATS 2024, arXiv:2310.12036.
     """
-    p = pair_inputs(ipo_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
-        ref_rejected_logps, chosen_lengths, rejected_lengths, beta, f_divergence,
-        f_alpha, xp), squared=True)  # fmt: skip
+    p = pair_inputs(ipo_loss, dict(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps, chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths, beta=beta, f_divergence=f_divergence, f_alpha=f_alpha,
+        xp=xp,
+    ), squared=True)  # fmt: skip
     delta = p.hw - p.hl if p.lw is None else p.hw / p.lw - p.hl / p.ll
     return (delta - 0.5 / p.beta) ** 2
 
@@ -248,8 +256,11 @@ def hinge_loss(
         Zhao et al., "SLiC-HF: Sequence Likelihood Calibration with Human Feedback",
         arXiv:2305.10425.
     """
-    p = pair_inputs(hinge_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
-        ref_rejected_logps, beta, f_divergence, f_alpha, xp))  # fmt: skip
+    p = pair_inputs(hinge_loss, dict(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps, beta=beta, f_divergence=f_divergence,
+        f_alpha=f_alpha, xp=xp,
+    ))  # fmt: skip
     z = p.margin()
     return p.xp.where(z < 1.0, 1.0 - z, 0.0)  # gradient 0 at z = 1 on every backend
 
@@ -298,8 +309,11 @@ def exo_pair_loss(
         Ji et al., "Towards Efficient Exact Optimization of Language Model Alignment",
         ICML 2024, arXiv:2402.00856.
     """
-    p = pair_inputs(exo_pair_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
-        ref_rejected_logps, beta, label_smoothing, f_divergence, f_alpha, xp))  # fmt: skip
+    p = pair_inputs(exo_pair_loss, dict(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps, beta=beta, label_smoothing=label_smoothing,
+        f_divergence=f_divergence, f_alpha=f_alpha, xp=xp,
+    ))  # fmt: skip
     eps = p.options["label_smoothing"]
     z = p.margin()
     pos, neg = log_sigmoid(z, xp=p.xp), log_sigmoid(-z, xp=p.xp)
@@ -352,8 +366,11 @@ def nca_pair_loss(
         Chen et al., "Noise Contrastive Alignment of Language Models with Explicit
         Rewards", NeurIPS 2024, arXiv:2402.05369.
     """
-    p = pair_inputs(nca_pair_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
-        ref_rejected_logps, beta, f_divergence, f_alpha, xp))  # fmt: skip
+    p = pair_inputs(nca_pair_loss, dict(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps, beta=beta, f_divergence=f_divergence,
+        f_alpha=f_alpha, xp=xp,
+    ))  # fmt: skip
     sw, sl = p.beta * p.hw, p.beta * p.hl
     return (
         0.0
@@ -409,8 +426,11 @@ def bco_pair_loss(
         Jung et al., "Binary Classifier Optimization for Large Language Model Alignment",
         arXiv:2404.04656.
     """
-    p = pair_inputs(bco_pair_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
-        ref_rejected_logps, beta, delta, f_divergence, f_alpha, xp))  # fmt: skip
+    p = pair_inputs(bco_pair_loss, dict(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps, beta=beta, delta=delta, f_divergence=f_divergence,
+        f_alpha=f_alpha, xp=xp,
+    ))  # fmt: skip
     delta = p.options["delta"]
     return (
         0.0
@@ -461,8 +481,11 @@ def sppo_hard_loss(
         Wu et al., "Self-Play Preference Optimization for Language Model Alignment",
         arXiv:2405.00675.
     """
-    p = pair_inputs(sppo_hard_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
-        ref_rejected_logps, beta, f_divergence, f_alpha, xp), squared=True)  # fmt: skip
+    p = pair_inputs(sppo_hard_loss, dict(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps, beta=beta, f_divergence=f_divergence,
+        f_alpha=f_alpha, xp=xp,
+    ), squared=True)  # fmt: skip
     target = 0.5 / p.beta
     return (p.hw - target) ** 2 + (p.hl + target) ** 2
 
@@ -509,8 +532,11 @@ def apo_zero_loss(
         D'Oosterlinck et al., "Anchored Preference Optimization and Contrastive
         Revisions: Addressing Underspecification in Alignment", arXiv:2408.06266.
     """
-    p = pair_inputs(apo_zero_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
-        ref_rejected_logps, beta, f_divergence, f_alpha, xp))  # fmt: skip
+    p = pair_inputs(apo_zero_loss, dict(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps, beta=beta, f_divergence=f_divergence,
+        f_alpha=f_alpha, xp=xp,
+    ))  # fmt: skip
     # 1 - sigma(x) = sigma(-x), without the cancellation
     return sigmoid(-p.beta * p.hw, xp=p.xp) + sigmoid(p.beta * p.hl, xp=p.xp)
 
@@ -557,8 +583,11 @@ def apo_down_loss(
         D'Oosterlinck et al., "Anchored Preference Optimization and Contrastive
         Revisions: Addressing Underspecification in Alignment", arXiv:2408.06266.
     """
-    p = pair_inputs(apo_down_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
-        ref_rejected_logps, beta, f_divergence, f_alpha, xp))  # fmt: skip
+    p = pair_inputs(apo_down_loss, dict(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps, beta=beta, f_divergence=f_divergence,
+        f_alpha=f_alpha, xp=xp,
+    ))  # fmt: skip
     return sigmoid(p.beta * p.hw, xp=p.xp) + sigmoid(p.margin(negated=True), xp=p.xp)
 
 
@@ -608,8 +637,11 @@ def discopop_loss(
         Lu et al., "Discovering Preference Optimization Algorithms with and for Large
         Language Models", NeurIPS 2024, arXiv:2406.08414.
     """
-    p = pair_inputs(discopop_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
-        ref_rejected_logps, beta, tau, f_divergence, f_alpha, xp))  # fmt: skip
+    p = pair_inputs(discopop_loss, dict(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps, beta=beta, tau=tau, f_divergence=f_divergence,
+        f_alpha=f_alpha, xp=xp,
+    ))  # fmt: skip
     tau = p.options["tau"]
     z = p.margin()
     # m * e^-z as one exponent: bounded above for tau <= 1, where e^-z alone overflows
@@ -665,8 +697,11 @@ def aot_unpaired_loss(
         Melnyk et al., "Distributional Preference Alignment of LLMs via Optimal
         Transport", NeurIPS 2024, arXiv:2406.05882.
     """
-    p = pair_inputs(aot_unpaired_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
-        ref_rejected_logps, beta, label_smoothing, f_divergence, f_alpha, xp))  # fmt: skip
+    p = pair_inputs(aot_unpaired_loss, dict(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps, beta=beta, label_smoothing=label_smoothing,
+        f_divergence=f_divergence, f_alpha=f_alpha, xp=xp,
+    ))  # fmt: skip
     return smoothed_sigmoid_loss(
         p.beta * (p.xp.sort(p.hl) - p.xp.sort(p.hw)), p.options["label_smoothing"], p.xp
     )
@@ -718,9 +753,12 @@ def sigmoid_norm_loss(
         Lambert et al., "Tülu 3: Pushing Frontiers in Open Language Model Post-Training",
         arXiv:2411.15124 (length-normalised DPO); DPO: arXiv:2305.18290.
     """
-    p = pair_inputs(sigmoid_norm_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
-        ref_rejected_logps, chosen_lengths, rejected_lengths, beta, f_divergence,
-        f_alpha, xp))  # fmt: skip
+    p = pair_inputs(sigmoid_norm_loss, dict(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps, chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths, beta=beta, f_divergence=f_divergence, f_alpha=f_alpha,
+        xp=xp,
+    ))  # fmt: skip
     return 0.0 - log_sigmoid(p.beta * (p.hw / p.lw - p.hl / p.ll), xp=p.xp)
 
 
@@ -766,8 +804,10 @@ def aot_loss(
         Melnyk et al., "Distributional Preference Alignment of LLMs via Optimal
         Transport", NeurIPS 2024, arXiv:2406.05882.
     """
-    fn, args = bound(aot_loss, (chosen_logps, rejected_logps, ref_chosen_logps,
-        ref_rejected_logps, beta, label_smoothing, xp))  # fmt: skip
+    fn, args = "aot_loss", dict(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps, beta=beta, label_smoothing=label_smoothing, xp=xp,
+    )  # fmt: skip
     xp, cw, cl, rw, rl = pair_arrays(
         fn, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, xp
     )

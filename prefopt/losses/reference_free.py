@@ -51,8 +51,11 @@ def simpo_loss(
         Meng et al., "SimPO: Simple Preference Optimization with a Reference-Free Reward",
         NeurIPS 2024, arXiv:2405.14734.
     """
-    p = pair_inputs(simpo_loss, (chosen_logps, rejected_logps, chosen_lengths,
-        rejected_lengths, beta, gamma, label_smoothing, xp))  # fmt: skip
+    p = pair_inputs(simpo_loss, dict(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths, beta=beta, gamma=gamma, label_smoothing=label_smoothing,
+        xp=xp,
+    ))  # fmt: skip
     minus_z = p.options["gamma"] - p.beta * (p.hw / p.lw - p.hl / p.ll)
     return smoothed_sigmoid_loss(minus_z, p.options["label_smoothing"], p.xp)
 
@@ -98,8 +101,10 @@ def cpo_loss(
         Xu et al., "Contrastive Preference Optimization: Pushing the Boundaries of LLM
         Performance in Machine Translation", ICML 2024, arXiv:2401.08417.
     """
-    p = pair_inputs(cpo_loss, (chosen_logps, rejected_logps, chosen_lengths, beta,
-        cpo_alpha, label_smoothing, xp))  # fmt: skip
+    p = pair_inputs(cpo_loss, dict(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths,
+        beta=beta, cpo_alpha=cpo_alpha, label_smoothing=label_smoothing, xp=xp,
+    ))  # fmt: skip
     loss = smoothed_sigmoid_loss(p.margin(negated=True), p.options["label_smoothing"], p.xp)
     weight = p.options["cpo_alpha"]
     if isinstance(weight, float) and weight == 0.0:  # an array weight: the term stays
@@ -152,8 +157,10 @@ def orpo_loss(
         Hong et al., "ORPO: Monolithic Preference Optimization without Reference Model",
         EMNLP 2024, arXiv:2403.07691.
     """
-    p = pair_inputs(orpo_loss, (chosen_logps, rejected_logps, chosen_lengths, rejected_lengths,
-        beta, xp))  # fmt: skip
+    p = pair_inputs(orpo_loss, dict(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths, beta=beta, xp=xp,
+    ))  # fmt: skip
     aw, al = p.hw / p.lw, p.hl / p.ll
     return 0.0 - aw - p.beta * log_sigmoid(_log_odds(aw, p.xp) - _log_odds(al, p.xp), xp=p.xp)
 

@@ -100,8 +100,10 @@ def kto_loss(
         ICML 2024, arXiv:2402.01306.
     """
     fn = "kto_loss"
-    u = unpaired_inputs(kto_loss, (logps, ref_logps, desirable, kl, beta, desirable_weight,
-        undesirable_weight, xp))  # fmt: skip
+    u = unpaired_inputs(kto_loss, dict(
+        logps=logps, ref_logps=ref_logps, desirable=desirable, kl=kl, beta=beta,
+        desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, xp=xp,
+    ))  # fmt: skip
     _checks.same_shape(fn, "B", {"logps": logps, "desirable": desirable})
     _checks.boolean(fn, "desirable", desirable, u.xp)
     xp, h = u.xp, u.ratios
