@@ -243,7 +243,8 @@ def test_module_classes_agree_with_the_registry():
         assert found.title + "Loss" == name
         params = inspect.signature(cls.__init__).parameters
         init = {k: p.default for k, p in params.items() if k not in ("self", "reduction")}
-        assert init == found.defaults, name  # the constructor shows the loss's own defaults
+        assert init == dict.fromkeys(found.defaults), name  # the loss's options, None each
+        assert cls().config.options == found.defaults, name  # None: the function's default
         # one forward, the base class's, under a code object of each class's own
         code, base = cls.forward.__code__, backend.PreferenceLoss.forward.__code__
         assert code is not base and code.co_code == base.co_code, name

@@ -3,9 +3,9 @@
 The modules hold the options and a ``reduction`` like ``torch.nn`` losses, validate the
 options when built (the function's own message), pass the namespace explicitly (no lookup
 per call) and trace under ``torch.compile(fullgraph=True)`` without graph breaks. Each
-class is written out (for IDEs, grep and the docs) with its loss's options and defaults in
-its constructor; ``forward`` is the base class's, which takes the arrays as the loss
-function does.
+class is written out (for IDEs, grep and the docs) with its loss's options in its
+constructor, each ``None`` by default: the loss function's own default, written there only;
+``forward`` is the base class's, which takes the arrays as the loss function does.
 """
 
 from __future__ import annotations
@@ -47,13 +47,14 @@ class PreferenceLoss(torch.nn.Module):
         self.loss = loss or self.loss
         if self.loss is None:
             raise TypeError(f"{name} names no loss: use a loss module such as MPOLoss")
+        options = {k: v for k, v in options.items() if v is not None}  # None: the default
         if reduction not in REDUCTIONS:
             raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}; got {reduction!r}")
         self.spec = spec(self.loss, name)
         # validated here, as the function would (its own message), and frozen
         self.config = self.spec.config(options, fn=name)
         self.reduction = reduction
-        self.options = options  # as given: what print(module) shows
+        self.options = options  # as given
         self._keywords = {**options, "xp": torch_xp}  # of every call
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -98,19 +99,24 @@ class PreferenceLoss(torch.nn.Module):
         return reduce(loss, self.reduction, kept, xp=torch_xp)
 
     def extra_repr(self) -> str:
-        """The options, as ``print(module)`` shows them."""
+        """The options, as ``print(module)`` shows them (the defaults filled in)."""
         parts = [f"reduction={self.reduction!r}"]
         if type(self) is PreferenceLoss:  # a class of its own already names its loss
             parts.insert(0, f"loss={self.loss!r}")
-        return ", ".join(parts + [f"{k}={v!r}" for k, v in self.options.items()])
+        return ", ".join(parts + [f"{k}={v!r}" for k, v in self.config.options.items()])
+
+
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    """A loss class's constructor arguments (its ``locals()``), for the base class."""
+    return {k: v for k, v in values.items() if k not in ("self", "__class__")}
 
 
 class DPOLoss(PreferenceLoss):
     """[`prefopt.dpo_loss`][prefopt.dpo_loss] as a module.
 
-    ``loss_module("sigmoid")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("sigmoid")`` makes one too. The options are the function's (one left ``None``
+    takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or
+    ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "sigmoid"
@@ -118,27 +124,21 @@ class DPOLoss(PreferenceLoss):
     def __init__(
         self,
         *,
-        beta: float = 0.1,
-        label_smoothing: float = 0.0,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
+        beta: float | None = None,
+        label_smoothing: float | None = None,
+        f_divergence: str | None = None,
+        f_alpha: float | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(
-            reduction,
-            beta=beta,
-            label_smoothing=label_smoothing,
-            f_divergence=f_divergence,
-            f_alpha=f_alpha,
-        )
+        super().__init__(**_given(locals()))
 
 
 class RobustDPOLoss(PreferenceLoss):
     """[`prefopt.robust_dpo_loss`][prefopt.robust_dpo_loss] as a module.
 
-    ``loss_module("robust")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("robust")`` makes one too. The options are the function's (one left ``None``
+    takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or
+    ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "robust"
@@ -146,27 +146,21 @@ class RobustDPOLoss(PreferenceLoss):
     def __init__(
         self,
         *,
-        beta: float = 0.1,
-        label_smoothing: float = 0.0,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
+        beta: float | None = None,
+        label_smoothing: float | None = None,
+        f_divergence: str | None = None,
+        f_alpha: float | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(
-            reduction,
-            beta=beta,
-            label_smoothing=label_smoothing,
-            f_divergence=f_divergence,
-            f_alpha=f_alpha,
-        )
+        super().__init__(**_given(locals()))
 
 
 class IPOLoss(PreferenceLoss):
     """[`prefopt.ipo_loss`][prefopt.ipo_loss] as a module.
 
-    ``loss_module("ipo")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("ipo")`` makes one too. The options are the function's (one left ``None``
+    takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or
+    ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "ipo"
@@ -174,20 +168,20 @@ class IPOLoss(PreferenceLoss):
     def __init__(
         self,
         *,
-        beta: float = 0.1,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
+        beta: float | None = None,
+        f_divergence: str | None = None,
+        f_alpha: float | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(reduction, beta=beta, f_divergence=f_divergence, f_alpha=f_alpha)
+        super().__init__(**_given(locals()))
 
 
 class HingeLoss(PreferenceLoss):
     """[`prefopt.hinge_loss`][prefopt.hinge_loss] as a module.
 
-    ``loss_module("hinge")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("hinge")`` makes one too. The options are the function's (one left ``None``
+    takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or
+    ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "hinge"
@@ -195,20 +189,20 @@ class HingeLoss(PreferenceLoss):
     def __init__(
         self,
         *,
-        beta: float = 0.1,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
+        beta: float | None = None,
+        f_divergence: str | None = None,
+        f_alpha: float | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(reduction, beta=beta, f_divergence=f_divergence, f_alpha=f_alpha)
+        super().__init__(**_given(locals()))
 
 
 class EXOPairLoss(PreferenceLoss):
     """[`prefopt.exo_pair_loss`][prefopt.exo_pair_loss] as a module.
 
-    ``loss_module("exo_pair")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("exo_pair")`` makes one too. The options are the function's (one left ``None``
+    takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or
+    ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "exo_pair"
@@ -216,27 +210,21 @@ class EXOPairLoss(PreferenceLoss):
     def __init__(
         self,
         *,
-        beta: float = 0.1,
-        label_smoothing: float = 0.001,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
+        beta: float | None = None,
+        label_smoothing: float | None = None,
+        f_divergence: str | None = None,
+        f_alpha: float | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(
-            reduction,
-            beta=beta,
-            label_smoothing=label_smoothing,
-            f_divergence=f_divergence,
-            f_alpha=f_alpha,
-        )
+        super().__init__(**_given(locals()))
 
 
 class NCAPairLoss(PreferenceLoss):
     """[`prefopt.nca_pair_loss`][prefopt.nca_pair_loss] as a module.
 
-    ``loss_module("nca_pair")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("nca_pair")`` makes one too. The options are the function's (one left ``None``
+    takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or
+    ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "nca_pair"
@@ -244,20 +232,20 @@ class NCAPairLoss(PreferenceLoss):
     def __init__(
         self,
         *,
-        beta: float = 0.1,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
+        beta: float | None = None,
+        f_divergence: str | None = None,
+        f_alpha: float | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(reduction, beta=beta, f_divergence=f_divergence, f_alpha=f_alpha)
+        super().__init__(**_given(locals()))
 
 
 class BCOPairLoss(PreferenceLoss):
     """[`prefopt.bco_pair_loss`][prefopt.bco_pair_loss] as a module.
 
-    ``loss_module("bco_pair")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("bco_pair")`` makes one too. The options are the function's (one left ``None``
+    takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or
+    ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "bco_pair"
@@ -265,23 +253,21 @@ class BCOPairLoss(PreferenceLoss):
     def __init__(
         self,
         *,
-        beta: float = 0.1,
-        delta: float = 0.0,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
+        beta: float | None = None,
+        delta: float | None = None,
+        f_divergence: str | None = None,
+        f_alpha: float | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(
-            reduction, beta=beta, delta=delta, f_divergence=f_divergence, f_alpha=f_alpha
-        )
+        super().__init__(**_given(locals()))
 
 
 class SPPOHardLoss(PreferenceLoss):
     """[`prefopt.sppo_hard_loss`][prefopt.sppo_hard_loss] as a module.
 
-    ``loss_module("sppo_hard")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("sppo_hard")`` makes one too. The options are the function's (one left
+    ``None`` takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``,
+    ``"sum"`` or ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "sppo_hard"
@@ -289,20 +275,20 @@ class SPPOHardLoss(PreferenceLoss):
     def __init__(
         self,
         *,
-        beta: float = 0.1,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
+        beta: float | None = None,
+        f_divergence: str | None = None,
+        f_alpha: float | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(reduction, beta=beta, f_divergence=f_divergence, f_alpha=f_alpha)
+        super().__init__(**_given(locals()))
 
 
 class APOZeroLoss(PreferenceLoss):
     """[`prefopt.apo_zero_loss`][prefopt.apo_zero_loss] as a module.
 
-    ``loss_module("apo_zero")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("apo_zero")`` makes one too. The options are the function's (one left ``None``
+    takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or
+    ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "apo_zero"
@@ -310,20 +296,20 @@ class APOZeroLoss(PreferenceLoss):
     def __init__(
         self,
         *,
-        beta: float = 0.1,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
+        beta: float | None = None,
+        f_divergence: str | None = None,
+        f_alpha: float | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(reduction, beta=beta, f_divergence=f_divergence, f_alpha=f_alpha)
+        super().__init__(**_given(locals()))
 
 
 class APODownLoss(PreferenceLoss):
     """[`prefopt.apo_down_loss`][prefopt.apo_down_loss] as a module.
 
-    ``loss_module("apo_down")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("apo_down")`` makes one too. The options are the function's (one left ``None``
+    takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or
+    ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "apo_down"
@@ -331,20 +317,20 @@ class APODownLoss(PreferenceLoss):
     def __init__(
         self,
         *,
-        beta: float = 0.1,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
+        beta: float | None = None,
+        f_divergence: str | None = None,
+        f_alpha: float | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(reduction, beta=beta, f_divergence=f_divergence, f_alpha=f_alpha)
+        super().__init__(**_given(locals()))
 
 
 class DiscoPOPLoss(PreferenceLoss):
     """[`prefopt.discopop_loss`][prefopt.discopop_loss] as a module.
 
-    ``loss_module("discopop")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("discopop")`` makes one too. The options are the function's (one left ``None``
+    takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or
+    ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "discopop"
@@ -352,37 +338,41 @@ class DiscoPOPLoss(PreferenceLoss):
     def __init__(
         self,
         *,
-        beta: float = 0.1,
-        tau: float = 0.05,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
+        beta: float | None = None,
+        tau: float | None = None,
+        f_divergence: str | None = None,
+        f_alpha: float | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(reduction, beta=beta, tau=tau, f_divergence=f_divergence, f_alpha=f_alpha)
+        super().__init__(**_given(locals()))
 
 
 class AOTLoss(PreferenceLoss):
     """[`prefopt.aot_loss`][prefopt.aot_loss] as a module.
 
-    ``loss_module("aot")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("aot")`` makes one too. The options are the function's (one left ``None``
+    takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or
+    ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "aot"
 
     def __init__(
-        self, *, beta: float = 0.1, label_smoothing: float = 0.0, reduction: str = "mean"
+        self,
+        *,
+        beta: float | None = None,
+        label_smoothing: float | None = None,
+        reduction: str = "mean",
     ) -> None:
-        super().__init__(reduction, beta=beta, label_smoothing=label_smoothing)
+        super().__init__(**_given(locals()))
 
 
 class AOTUnpairedLoss(PreferenceLoss):
     """[`prefopt.aot_unpaired_loss`][prefopt.aot_unpaired_loss] as a module.
 
-    ``loss_module("aot_unpaired")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("aot_unpaired")`` makes one too. The options are the function's (one left
+    ``None`` takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``,
+    ``"sum"`` or ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "aot_unpaired"
@@ -390,27 +380,21 @@ class AOTUnpairedLoss(PreferenceLoss):
     def __init__(
         self,
         *,
-        beta: float = 0.1,
-        label_smoothing: float = 0.0,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
+        beta: float | None = None,
+        label_smoothing: float | None = None,
+        f_divergence: str | None = None,
+        f_alpha: float | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(
-            reduction,
-            beta=beta,
-            label_smoothing=label_smoothing,
-            f_divergence=f_divergence,
-            f_alpha=f_alpha,
-        )
+        super().__init__(**_given(locals()))
 
 
 class SigmoidNormLoss(PreferenceLoss):
     """[`prefopt.sigmoid_norm_loss`][prefopt.sigmoid_norm_loss] as a module.
 
-    ``loss_module("sigmoid_norm")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("sigmoid_norm")`` makes one too. The options are the function's (one left
+    ``None`` takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``,
+    ``"sum"`` or ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "sigmoid_norm"
@@ -418,20 +402,20 @@ class SigmoidNormLoss(PreferenceLoss):
     def __init__(
         self,
         *,
-        beta: float = 0.1,
-        f_divergence: str = "reverse_kl",
-        f_alpha: float = 0.5,
+        beta: float | None = None,
+        f_divergence: str | None = None,
+        f_alpha: float | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(reduction, beta=beta, f_divergence=f_divergence, f_alpha=f_alpha)
+        super().__init__(**_given(locals()))
 
 
 class SimPOLoss(PreferenceLoss):
     """[`prefopt.simpo_loss`][prefopt.simpo_loss] as a module.
 
-    ``loss_module("simpo")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("simpo")`` makes one too. The options are the function's (one left ``None``
+    takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or
+    ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "simpo"
@@ -439,20 +423,20 @@ class SimPOLoss(PreferenceLoss):
     def __init__(
         self,
         *,
-        beta: float = 2.0,
-        gamma: float = 0.5,
-        label_smoothing: float = 0.0,
+        beta: float | None = None,
+        gamma: float | None = None,
+        label_smoothing: float | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(reduction, beta=beta, gamma=gamma, label_smoothing=label_smoothing)
+        super().__init__(**_given(locals()))
 
 
 class CPOLoss(PreferenceLoss):
     """[`prefopt.cpo_loss`][prefopt.cpo_loss] as a module.
 
-    ``loss_module("cpo")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("cpo")`` makes one too. The options are the function's (one left ``None``
+    takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or
+    ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "cpo"
@@ -460,34 +444,34 @@ class CPOLoss(PreferenceLoss):
     def __init__(
         self,
         *,
-        beta: float = 0.1,
-        cpo_alpha: float = 1.0,
-        label_smoothing: float = 0.0,
+        beta: float | None = None,
+        cpo_alpha: float | None = None,
+        label_smoothing: float | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(reduction, beta=beta, cpo_alpha=cpo_alpha, label_smoothing=label_smoothing)
+        super().__init__(**_given(locals()))
 
 
 class ORPOLoss(PreferenceLoss):
     """[`prefopt.orpo_loss`][prefopt.orpo_loss] as a module.
 
-    ``loss_module("orpo")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("orpo")`` makes one too. The options are the function's (one left ``None``
+    takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or
+    ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "orpo"
 
-    def __init__(self, *, beta: float = 0.1, reduction: str = "mean") -> None:
-        super().__init__(reduction, beta=beta)
+    def __init__(self, *, beta: float | None = None, reduction: str = "mean") -> None:
+        super().__init__(**_given(locals()))
 
 
 class KTOLoss(PreferenceLoss):
     """[`prefopt.kto_loss`][prefopt.kto_loss] as a module.
 
-    ``loss_module("kto")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("kto")`` makes one too. The options are the function's (one left ``None``
+    takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or
+    ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "kto"
@@ -495,25 +479,20 @@ class KTOLoss(PreferenceLoss):
     def __init__(
         self,
         *,
-        beta: float = 0.1,
-        desirable_weight: float = 1.0,
-        undesirable_weight: float = 1.0,
+        beta: float | None = None,
+        desirable_weight: float | None = None,
+        undesirable_weight: float | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(
-            reduction,
-            beta=beta,
-            desirable_weight=desirable_weight,
-            undesirable_weight=undesirable_weight,
-        )
+        super().__init__(**_given(locals()))
 
 
 class MPOLoss(PreferenceLoss):
     """[`prefopt.mpo_loss`][prefopt.mpo_loss] as a module.
 
-    ``loss_module("mpo")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]). ``"mean"`` averages
+    ``loss_module("mpo")`` makes one too. The options are the function's (one left ``None``
+    takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or
+    ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]). ``"mean"`` averages
     over the groups that count (both sets non-empty, see
     [`prefopt.mpo_split`][prefopt.mpo_split]), so degenerate groups do not dilute it.
 
@@ -531,23 +510,21 @@ class MPOLoss(PreferenceLoss):
     def __init__(
         self,
         *,
-        beta: float = 0.1,
-        alpha: float = 1.0,
-        weighting: str = "abs",
+        beta: float | None = None,
+        alpha: float | None = None,
+        weighting: str | None = None,
         check_values: bool | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(
-            reduction, beta=beta, alpha=alpha, weighting=weighting, check_values=check_values
-        )
+        super().__init__(**_given(locals()))
 
 
 class InfoNCALoss(PreferenceLoss):
     """[`prefopt.infonca_loss`][prefopt.infonca_loss] as a module.
 
-    ``loss_module("infonca")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("infonca")`` makes one too. The options are the function's (one left ``None``
+    takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or
+    ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "infonca"
@@ -555,20 +532,20 @@ class InfoNCALoss(PreferenceLoss):
     def __init__(
         self,
         *,
-        beta: float = 0.1,
-        tau: float = 1.0,
+        beta: float | None = None,
+        tau: float | None = None,
         check_values: bool | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(reduction, beta=beta, tau=tau, check_values=check_values)
+        super().__init__(**_given(locals()))
 
 
 class NCALoss(PreferenceLoss):
     """[`prefopt.nca_loss`][prefopt.nca_loss] as a module.
 
-    ``loss_module("nca")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("nca")`` makes one too. The options are the function's (one left ``None``
+    takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or
+    ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "nca"
@@ -576,44 +553,52 @@ class NCALoss(PreferenceLoss):
     def __init__(
         self,
         *,
-        beta: float = 0.1,
-        tau: float = 1.0,
+        beta: float | None = None,
+        tau: float | None = None,
         check_values: bool | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(reduction, beta=beta, tau=tau, check_values=check_values)
+        super().__init__(**_given(locals()))
 
 
 class PlackettLuceLoss(PreferenceLoss):
     """[`prefopt.plackett_luce_loss`][prefopt.plackett_luce_loss] as a module.
 
-    ``loss_module("plackett_luce")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("plackett_luce")`` makes one too. The options are the function's (one left
+    ``None`` takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``,
+    ``"sum"`` or ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "plackett_luce"
 
     def __init__(
-        self, *, beta: float = 0.1, check_values: bool | None = None, reduction: str = "mean"
+        self,
+        *,
+        beta: float | None = None,
+        check_values: bool | None = None,
+        reduction: str = "mean",
     ) -> None:
-        super().__init__(reduction, beta=beta, check_values=check_values)
+        super().__init__(**_given(locals()))
 
 
 class LiPOLoss(PreferenceLoss):
     """[`prefopt.lipo_loss`][prefopt.lipo_loss] as a module.
 
-    ``loss_module("lipo")`` makes one too. The options are the function's, with its
-    defaults; ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or ``"none"``
-    (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
+    ``loss_module("lipo")`` makes one too. The options are the function's (one left ``None``
+    takes its default); ``reduction`` is ``"mean"`` (default), ``"batchmean"``, ``"sum"`` or
+    ``"none"`` (see [`PreferenceLoss`][prefopt.backends.torch.PreferenceLoss]).
     """
 
     loss = "lipo"
 
     def __init__(
-        self, *, beta: float = 0.1, check_values: bool | None = None, reduction: str = "mean"
+        self,
+        *,
+        beta: float | None = None,
+        check_values: bool | None = None,
+        reduction: str = "mean",
     ) -> None:
-        super().__init__(reduction, beta=beta, check_values=check_values)
+        super().__init__(**_given(locals()))
 
 
 MODULES: dict[str, type[PreferenceLoss]] = {
