@@ -232,9 +232,10 @@ def mpo_terms(fn, args) -> tuple[Array, Array]:
     g = group_inputs(fn, args)
     groups = split(g, g.chosen)
     xp, s = g.xp, g.scores
-    if args["weighting"] != "none":
+    weighting = args["weighting"]
+    if weighting != "none":
         d = _checks.cast(groups.deviation, s.dtype, xp)
-        log_w = {"abs": xp.abs(d), "signed": d, "squared": d * d}[args["weighting"]]
+        log_w = xp.abs(d) if weighting == "abs" else d * d if weighting == "squared" else d
         s = s + g.options["alpha"] * log_w
     lse_rejected = logsumexp(s, mask=groups.rejected, xp=xp)
     if g.valid is not None and native(xp) is None:

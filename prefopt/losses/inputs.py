@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 from array_api_compat import device
 
 from prefopt import _checks
-from prefopt._ops import Array, get_namespace, log_sigmoid, stop_gradient
+from prefopt._ops import Array, get_namespace, log_sigmoid, native, stop_gradient
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 WEIGHTINGS = ("abs", "signed", "squared", "none")
@@ -471,11 +471,18 @@ def group_inputs(fn, args) -> Group:
     if lengths is not None and _checks.values_checked(lengths, xp, check_values):
         valid = xp.ones_like(lengths, dtype=xp.bool) if mask is None else mask
         _checks.positive_where(fn, "lengths", lengths, valid, xp)
-    # Padding may hold NaN or -inf (a masked log-softmax): replace it before any arithmetic,
-    # so that neither a value, a gradient nor a NumPy warning ever comes from it.
-    h = logps if mask is None else xp.where(mask, logps, 0.0)
-    if ref_logps is not None:
-        h = h - (ref_logps if mask is None else xp.where(mask, ref_logps, 0.0))
+    # Padding may hold NaN or -inf (a masked log-softmax): replaced before any arithmetic
+    # that could carry it into a value, a gradient or a NumPy warning. On the native
+    # backends one where() after the difference does (its backward gives padding an exact
+    # 0, and a difference has no backward that could turn it into NaN).
+    if mask is None or ref_logps is None:
+        h = logps if mask is None else xp.where(mask, logps, 0.0)
+        if ref_logps is not None:
+            h = h - ref_logps
+    elif native(xp) is not None:
+        h = xp.where(mask, logps - ref_logps, 0.0)
+    else:
+        h = xp.where(mask, logps, 0.0) - xp.where(mask, ref_logps, 0.0)
     if lengths is not None:
         h = h / (lengths if mask is None else xp.where(mask, lengths, 1.0))
     beta = options["beta"]
