@@ -136,8 +136,18 @@ def test_f_divergence_losses_are_finite_in_float32(name, f):
     # Before: ipo and sppo_hard with forward_kl returned inf at log-ratio -45 in float32.
     h = np.array([-45.0, -1e4, 1e4, 0.0], dtype=np.float32)
     zero = np.zeros(4, dtype=np.float32)
-    out = prefopt.get_loss(name)(h, zero, zero, zero, f_divergence=f, f_alpha=0.1)
-    assert np.all(np.isfinite(out))
+
+    def loss(h, zero):
+        return prefopt.get_loss(name)(h, zero, zero, zero, f_divergence=f, f_alpha=0.1)
+
+    if name in TERM_LOSSES:  # on the host a term beyond float32 is refused; in a trace...
+        with pytest.raises(ValueError, match="one is beyond float32"):
+            loss(h, zero)
+        jax = pytest.importorskip("jax")
+        out = jax.jit(loss)(h, zero)  # ...its values cannot be read, and it saturates
+    else:
+        out = loss(h, zero)
+    assert np.all(np.isfinite(np.asarray(out)))
 
 
 F_LOSSES = [n for n, s in specs().items() if "f_divergence" in s.defaults and n != "dpo"]
@@ -158,6 +168,13 @@ def test_f_divergence_float32_holds_the_float64_value_wherever_float32_can(name,
     # against a true 1.29e21.
     grid = np.concatenate([-np.geomspace(1e-2, 120.0, 40), np.geomspace(1e-2, 120.0, 40)])
     cw, cl = np.repeat(grid, len(grid)), np.tile(grid, len(grid))
+    if name in TERM_LOSSES:  # a term beyond float32 is refused (tested below): the rest
+        c = -1.0 if f == "forward_kl" else f_alpha - 1.0
+        big = math.log(F32_MAX)
+        limit = 0.5 * (big - math.log(4.0)) if name == "sppo_hard" else big - math.log(2.0)
+        limit += min(0.0, math.log(abs(c))) - 0.01  # a margin for float32's rounding of h
+        keep = (c * cw <= limit) & (c * cl <= limit)
+        cw, cl = cw[keep], cl[keep]
     zero = np.zeros_like(cw)
     lengths = {"chosen_lengths": np.full_like(cw, 3.0), "rejected_lengths": np.full_like(cw, 5.0)}
     kw = lengths if spec(name).lengths == "required" else {}
@@ -180,7 +197,7 @@ def test_f_divergence_float32_holds_the_float64_value_wherever_float32_can(name,
 
 
 # the losses that read each transformed term, not only beta (h_w - h_l): there a term that
-# does not fit the dtype is clipped (docs/losses/pairwise.md#f-divergences)
+# does not fit the dtype is refused where it can be read (docs/losses/pairwise.md)
 TERM_LOSSES = ("nca_pair", "bco_pair", "sppo_hard", "sigmoid_norm")
 
 
@@ -197,16 +214,21 @@ def test_f_divergence_float32_where_both_terms_overflow(name, f, f_alpha, beta):
     kw = {"chosen_lengths": np.full_like(cw, 3.0), "rejected_lengths": np.full_like(cw, 5.0)}
     kw = kw if spec(name).lengths == "required" else {}
     opts = {"beta": beta, "f_divergence": f, "f_alpha": f_alpha}
-    with np.errstate(over="ignore"):
-        expected = np.array(reference.pairwise(name, cw, cl, None, None, **kw, **opts))
-        out = prefopt.get_loss(name)(
+
+    def loss_in_float32():
+        return prefopt.get_loss(name)(
             cw.astype(np.float32), cl.astype(np.float32),
             **{k: v.astype(np.float32) for k, v in kw.items()}, **opts,
         ).astype(np.float64)  # fmt: skip
-    assert not np.any(np.isnan(out))
-    if name in TERM_LOSSES:  # a term beyond float32 saturates; the loss stays finite
-        assert np.all(np.isfinite(out))
+
+    if name in TERM_LOSSES:  # a term beyond float32 would saturate: refused in one line
+        with pytest.raises(ValueError, match=rf"{f}.* one is beyond float32 .* a reference"):
+            loss_in_float32()
         return
+    with np.errstate(over="ignore"):
+        expected = np.array(reference.pairwise(name, cw, cl, None, None, **kw, **opts))
+        out = loss_in_float32()
+    assert not np.any(np.isnan(out))
     fits = (np.abs(expected) <= F32_MAX / 8) & np.isfinite(expected)
     assert fits.sum() >= len(grid)  # the comparison is not empty
     np.testing.assert_allclose(out[fits], expected[fits], rtol=2e-4, atol=1e-4)
@@ -320,3 +342,16 @@ def test_kto_kl_of_an_empty_batch_is_zero_with_zero_gradient():
     logps = torch.zeros(0, requires_grad=True)
     out = prefopt.kto_kl(logps, torch.zeros(0))
     assert out.item() == 0.0 and not math.isnan(out.item())
+
+
+@pytest.mark.parametrize("name", TERM_LOSSES)
+def test_a_term_that_fits_is_not_refused_and_a_trace_saturates(name):
+    kw = {"chosen_lengths": np.full(2, 3.0), "rejected_lengths": np.full(2, 5.0)}
+    kw = kw if spec(name).lengths == "required" else {}
+    fn, opts = prefopt.get_loss(name), {"f_divergence": "forward_kl"}
+    cw, cl = np.array([-40.0, -1.0], np.float32), np.array([-42.0, -2.0], np.float32)
+    assert np.all(np.isfinite(fn(cw, cl, **kw, **opts)))  # below 43.7 (SPPO squares) and 88
+    jax = pytest.importorskip("jax")
+    far = np.array([-106.3, -1.0], np.float32)
+    traced = jax.jit(lambda a, b: fn(a, b, **kw, **opts))(far, cl)  # values unread: saturates
+    assert np.all(np.isfinite(np.asarray(traced)))

@@ -78,6 +78,16 @@ def narrower(**ranges: tuple[float, float, dict[str, bool]]):
     return mark
 
 
+def reads_terms(loss):
+    """Mark a pairwise loss that reads each f-transformed log-ratio alone.
+
+    Not only their difference (NCA, BCO, SPPO, sigmoid-norm): a term beyond the dtype is
+    refused there (see ``pair_inputs``).
+    """
+    loss.reads_terms = True
+    return loss
+
+
 def check_options(fn, args: Mapping[str, Any]) -> None:
     """Check every option of ``args`` that has a rule (raises naming it).
 
@@ -211,6 +221,8 @@ def pair_inputs(fn, args, *, squared: bool = False) -> Pair:
     f_divergence = args.get("f_divergence", "reverse_kl")
     if f_divergence != "reverse_kl":
         f_alpha = options["f_alpha"]
+        if getattr(loss, "reads_terms", False):
+            _terms_fit(fn, hw, hl, f_divergence, f_alpha, xp, squared)
         z = f_margin(hw, hl, f_divergence, f_alpha, options["beta"], xp, squared=squared)
         hw, hl = (f_transform(h, f_divergence, f_alpha, xp, squared=squared) for h in (hw, hl))
     else:
@@ -220,6 +232,32 @@ def pair_inputs(fn, args, *, squared: bool = False) -> Pair:
         counts = args["chosen_lengths"], args.get("rejected_lengths")
         lw, ll = pair_lengths(fn, *counts, hw, xp, lengths)
     return Pair(xp, hw, hl, z, lw, ll, options["beta"], options)
+
+
+def _terms_fit(fn, hw, hl, f_divergence, f_alpha, xp, squared) -> None:
+    """Raise where a loss reading each transformed term alone gets one beyond the dtype.
+
+    ``f_transform`` would saturate it. Only where the values can be read (on the host,
+    outside a trace); elsewhere the term saturates, as documented.
+    """
+    if f_divergence == "forward_kl":
+        c = -1.0
+    elif f_divergence == "alpha_divergence" and isinstance(f_alpha, float) and f_alpha != 1.0:
+        c = f_alpha - 1.0
+    else:
+        return  # js_divergence is bounded; a traced alpha is not read
+    if not _checks.values_checked(hw, xp, None):
+        return
+    limit = _exponent_limit(hw.dtype, xp, squared) + min(0.0, math.log(abs(c)))
+    worst = float(xp.max(xp.maximum(c * hw, c * hl)))
+    if worst > limit:
+        h = worst / c
+        raise ValueError(
+            f"{fn}: f_divergence={f_divergence!r} needs each transformed log-ratio alone, "
+            f"and at a log-ratio of {h:.4g} one is beyond {xp.finfo(hw.dtype).dtype} (the "
+            f"exponent {worst:.4g} > {limit:.4g}); give log-ratios against a reference "
+            "(ref_chosen_logps, ref_rejected_logps), not log-probs, or a wider dtype"
+        )
 
 
 @functools.cache

@@ -12,6 +12,7 @@ from prefopt.losses.inputs import (
     narrower,
     pair_arrays,
     pair_inputs,
+    reads_terms,
 )
 
 __all__ = ["F_DIVERGENCES"]  # re-exported for the docs of f_divergence
@@ -323,6 +324,7 @@ def exo_pair_loss(
     return p.xp.exp(pos) * (pos - p.xp.log1p(-eps)) + p.xp.exp(neg) * (neg - p.xp.log(eps))
 
 
+@reads_terms
 def nca_pair_loss(
     chosen_logps: Array,
     rejected_logps: Array,
@@ -379,6 +381,7 @@ def nca_pair_loss(
     )
 
 
+@reads_terms
 def bco_pair_loss(
     chosen_logps: Array,
     rejected_logps: Array,
@@ -439,6 +442,7 @@ def bco_pair_loss(
     )
 
 
+@reads_terms
 def sppo_hard_loss(
     chosen_logps: Array,
     rejected_logps: Array,
@@ -707,6 +711,7 @@ def aot_unpaired_loss(
     )
 
 
+@reads_terms
 def sigmoid_norm_loss(
     chosen_logps: Array,
     rejected_logps: Array,
