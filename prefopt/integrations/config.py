@@ -140,6 +140,43 @@ def _is_trl_config(args: Any) -> bool:
     return type(args).__name__ == "DPOConfig" and hasattr(args, "f_divergence_type")
 
 
+def _refuse_unsupported(args: Any, names: list[str], where: str) -> None:
+    """Raise for a ``DPOConfig`` field or loss that prefopt does not implement."""
+    for field, unset in _TRL_UNSUPPORTED.items():
+        if getattr(args, field, unset) != unset:
+            raise ValueError(
+                f"{where}: DPOConfig.{field}={getattr(args, field)!r} is not supported by "
+                f"prefopt; leave it at {unset!r} (see the 'Coming from TRL' docs page)"
+            )
+    if "sft" in names:
+        raise ValueError(
+            f"{where}: DPOConfig loss_type 'sft' is not supported by prefopt; "
+            "see the 'Coming from TRL' docs page"
+        )
+
+
+def _trl_options(args: Any, name: str, found: Any, where: str) -> dict[str, Any]:
+    """The options a ``DPOConfig`` gives loss ``name`` (its spec ``found``), as TRL does."""
+    given = {"beta": args.beta}
+    for field, (option, takers) in _TRL_OPTIONS.items():
+        if option in found.defaults and (takers is None or name in takers):
+            given[option] = getattr(args, field)
+    if "f_divergence" in found.defaults and name not in _TRL_OPTIONS["f_divergence_type"][1]:
+        if args.f_divergence_type != "reverse_kl":
+            raise ValueError(
+                f"{where}: f_divergence_type={args.f_divergence_type!r} is not "
+                f"supported for loss {name!r} (as in TRL); use 'reverse_kl'"
+            )
+    if name in ("sigmoid", "dpo") and args.label_smoothing:
+        warnings.warn(
+            f"{where}: DPOConfig(label_smoothing={args.label_smoothing}) is ignored "
+            "by TRL 1.16's 'sigmoid' loss and so here too; use PreferenceConfig with "
+            "loss_options={'label_smoothing': ...} for conservative DPO",
+            stacklevel=4,
+        )
+    return given
+
+
 def trainer_settings(args: Any) -> TrainerSettings:
     """The loss, data and reference settings of ``args``, checked before any step.
 
@@ -179,17 +216,7 @@ def trainer_settings(args: Any) -> TrainerSettings:
         )
     trl = _is_trl_config(args)
     if trl:
-        for field, unset in _TRL_UNSUPPORTED.items():
-            if get(field, unset) != unset:
-                raise ValueError(
-                    f"{where}: DPOConfig.{field}={get(field)!r} is not supported by prefopt; "
-                    f"leave it at {unset!r} (see the 'Coming from TRL' docs page)"
-                )
-        if "sft" in names:
-            raise ValueError(
-                f"{where}: DPOConfig loss_type 'sft' is not supported by prefopt; "
-                "see the 'Coming from TRL' docs page"
-            )
+        _refuse_unsupported(args, names, where)
     found = [spec(name, f"{where}: loss_type") for name in names]
     for s in found:
         why = s.refuses_groups(2)  # a batch-sorting loss: checked on the data (trainer.py)
@@ -197,44 +224,20 @@ def trainer_settings(args: Any) -> TrainerSettings:
             raise ValueError(
                 f"{where}: loss {s.name!r} {why}. Use prefopt.{s.fn.__name__} in your own loop"
             )
-    losses = []
-    for name, weight, s in zip(names, weights, found):
-        given = {}
-        if trl:
-            given["beta"] = args.beta
-            for field, (option, takers) in _TRL_OPTIONS.items():
-                if option not in s.defaults:
-                    continue
-                if takers is None or name in takers:
-                    given[option] = get(field)
-            if "f_divergence" in s.defaults and name not in _TRL_OPTIONS["f_divergence_type"][1]:
-                if get("f_divergence_type") != "reverse_kl":
-                    raise ValueError(
-                        f"{where}: f_divergence_type={get('f_divergence_type')!r} is not "
-                        f"supported for loss {name!r} (as in TRL); use 'reverse_kl'"
-                    )
-            if name in ("sigmoid", "dpo") and get("label_smoothing"):
-                warnings.warn(
-                    f"{where}: DPOConfig(label_smoothing={get('label_smoothing')}) is ignored "
-                    "by TRL 1.16's 'sigmoid' loss and so here too; use PreferenceConfig with "
-                    "loss_options={'label_smoothing': ...} for conservative DPO",
-                    stacklevel=3,
-                )
-        else:
-            if get("beta") is not None:
-                given["beta"] = get("beta")
-            given.update(get("loss_options") or {})
-            given = {k: v for k, v in given.items() if k in s.defaults}
-        losses.append((name, float(weight), given))
-    if not trl:
-        options = set(get("loss_options") or {})
-        unused = sorted(options - {k for s in found for k in s.defaults})
+    if trl:
+        given = [_trl_options(args, name, s, where) for name, s in zip(names, found)]
+    else:
+        options = get("loss_options") or {}
+        unused = sorted(set(options) - {k for s in found for k in s.defaults})
         if unused:
             takes = sorted({k for s in found for k in s.defaults})
             raise TypeError(f"{where}: {names} take no option(s) {unused}; they take {takes}")
-    checked = []
-    for (name, weight, given), s in zip(losses, found):
-        checked.append((name, weight, dict(s.config(given, fn=where).options)))
+        beta = {} if get("beta") is None else {"beta": get("beta")}
+        given = [{k: v for k, v in {**beta, **options}.items() if k in s.defaults} for s in found]
+    checked = [
+        (name, float(weight), dict(s.config(opts, fn=where).options))
+        for name, weight, s, opts in zip(names, weights, found, given)
+    ]
     pairs = get("pairs", "all")
     _checks.one_of(where, "pairs", pairs, PAIRS)
     try:
