@@ -325,6 +325,45 @@ def refuse_unknown_text(tokenizer, texts: list[str], flag: str) -> None:
         )
 
 
+def _output(config: Config) -> tuple[Path, Path]:
+    """The output folder and its checkpoint file, checked against --resume and --overwrite."""
+    out = Path(config.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out}: a file, not a directory")
+    state_file = out / "checkpoint" / "state.pt"
+    if config.resume and not state_file.is_file():
+        raise UserError(f"--resume: no checkpoint in {out}")
+    if not (config.resume or config.overwrite) and (
+        (out / "metrics.jsonl").exists() or (out / "checkpoint").exists()
+    ):
+        raise UserError(
+            f"--output {out} holds a run already: --resume continues it, --overwrite replaces it"
+        )
+    return out, state_file
+
+
+def _restore(state, model, reference, optimizer, picker) -> tuple[list[dict[str, Any]], int]:
+    """Put a checkpoint's state back; its records and step."""
+    model.load_state_dict(state["model"])
+    if reference is not None:
+        reference.load_state_dict(state["reference"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    picker.setstate(_as_tuples(state["picker"]))
+    return state["records"], state["step"]
+
+
+def _refuse_unknown_words(tokenizer, rows, prompts) -> None:
+    """The built-in model's word vocabulary must cover --data's texts or --prompts."""
+    texts = [
+        r["prompt"] + "".join(r["responses"])
+        for r in map(preference_row, rows or [])
+        if isinstance(r["prompt"], str)
+    ]
+    texts += [p for p in prompts if isinstance(p, str)]
+    refuse_unknown_text(tokenizer, texts, "--data" if rows else "--prompts")
+
+
 def run(config: Config) -> list[dict[str, Any]]:
     """Train as ``config`` says: what ``prefopt train`` runs, callable from Python.
 
@@ -343,18 +382,7 @@ def run(config: Config) -> list[dict[str, Any]]:
     for warning in setting_warnings(config, pretrained):
         print(f"prefopt train: warning: {warning}", file=sys.stderr)
     rows, places = read_rows(config.data) if config.data else (None, None)
-    out = Path(config.output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out}: a file, not a directory")
-    state_file = out / "checkpoint" / "state.pt"
-    if config.resume and not state_file.is_file():
-        raise UserError(f"--resume: no checkpoint in {out}")
-    if not (config.resume or config.overwrite) and (
-        (out / "metrics.jsonl").exists() or (out / "checkpoint").exists()
-    ):
-        raise UserError(
-            f"--output {out} holds a run already: --resume continues it, --overwrite replaces it"
-        )
+    out, state_file = _output(config)
     state = load_state(state_file, config) if config.resume else None
     torch.manual_seed(config.seed)
     model, tokenizer, _ = load_model(config)
@@ -368,13 +396,7 @@ def run(config: Config) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     start = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        if reference is not None:
-            reference.load_state_dict(state["reference"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        picker.setstate(_as_tuples(state["picker"]))
-        records, start = state["records"], state["step"]
+        records, start = _restore(state, model, reference, optimizer, picker)
     # offline rows are cut to max_length; sampled groups are collated uncut, as they came
     collator = PreferenceCollator(tokenizer, max_length=config.max_length if rows else None)
     if rows:
@@ -383,15 +405,8 @@ def run(config: Config) -> list[dict[str, Any]]:
         task(config, pretrained) if rows is None else ([], [], None, "")
     )
     if not pretrained and (rows or config.prompts):
-        texts = [
-            r["prompt"] + "".join(r["responses"])
-            for r in map(preference_row, rows or [])
-            if isinstance(r["prompt"], str)
-        ]
-        texts += (
-            [p for p in train_prompts + heldout if isinstance(p, str)] if config.prompts else []
-        )
-        refuse_unknown_text(tokenizer, texts, "--data" if rows else "--prompts")
+        prompts = train_prompts + heldout if config.prompts else []
+        _refuse_unknown_words(tokenizer, rows, prompts)
     out.mkdir(parents=True, exist_ok=True)
     if state is None:  # a new run (or --overwrite): no completions of an earlier one
         (out / "completions.jsonl").unlink(missing_ok=True)
