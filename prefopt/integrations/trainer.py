@@ -89,22 +89,7 @@ class PreferenceTrainer(transformers.Trainer):
                 f"{where}: ref_model is the policy itself; pass ref_model=None for a frozen "
                 "copy of the policy, or another model"
             )
-        path = model if isinstance(model, str) else None
-        if path is not None:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                path, **settings.model_init_kwargs
-            )
-        if isinstance(ref_model, str):
-            ref_model = transformers.AutoModelForCausalLM.from_pretrained(
-                ref_model, **settings.model_init_kwargs
-            )
-        if processing_class is None:
-            source = path or getattr(getattr(model, "config", None), "_name_or_path", None)
-            if not source:
-                raise ValueError(f"{where}: pass processing_class (the tokenizer) for this model")
-            processing_class = transformers.AutoTokenizer.from_pretrained(source)
-        if processing_class.pad_token_id is None:
-            processing_class.pad_token = processing_class.eos_token
+        model, ref_model, processing_class = _load(model, ref_model, processing_class, settings)
         if peft_config is not None:
             import peft
 
@@ -118,12 +103,7 @@ class PreferenceTrainer(transformers.Trainer):
         )
         self.truncation = self.collator.truncation
         train_dataset = self._prepare(train_dataset, "train_dataset")
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {
-                k: self._prepare(v, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()
-            }
-        else:
-            eval_dataset = self._prepare(eval_dataset, "eval_dataset")
+        eval_dataset = _each(eval_dataset, "eval_dataset", self._prepare)
         if not settings.takes_reference:
             if ref_model is not None:
                 warnings.warn(
@@ -160,13 +140,9 @@ class PreferenceTrainer(transformers.Trainer):
         self._tokens = 0
         if settings.precompute and settings.takes_reference:
             size = settings.precompute_batch_size or self.args.per_device_train_batch_size
-            self.train_dataset = self._with_ref_logps(self.train_dataset, size)
-            if isinstance(self.eval_dataset, dict):
-                self.eval_dataset = {
-                    k: self._with_ref_logps(v, size) for k, v in self.eval_dataset.items()
-                }
-            else:
-                self.eval_dataset = self._with_ref_logps(self.eval_dataset, size)
+            with_ref = lambda rows, name: self._with_ref_logps(rows, size)  # noqa: E731
+            self.train_dataset = with_ref(self.train_dataset, "train_dataset")
+            self.eval_dataset = _each(self.eval_dataset, "eval_dataset", with_ref)
             self.ref_model = None  # its memory is free from here on
 
     def _prepare(self, dataset: Any, name: str) -> Any:
@@ -310,3 +286,32 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for name in ("attention_dropout", "attn_pdrop", "dropout"):
         if isinstance(getattr(config, name, None), float):
             setattr(config, name, 0.0)
+
+
+def _load(model: Any, ref_model: Any, tokenizer: Any, settings: Any) -> tuple[Any, Any, Any]:
+    """Models given by path loaded (``model_init_kwargs``); the tokenizer found, with a pad."""
+    where = "PreferenceTrainer"
+    path = model if isinstance(model, str) else None
+    if path is not None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, **settings.model_init_kwargs
+        )
+    if isinstance(ref_model, str):
+        ref_model = transformers.AutoModelForCausalLM.from_pretrained(
+            ref_model, **settings.model_init_kwargs
+        )
+    if tokenizer is None:
+        source = path or getattr(getattr(model, "config", None), "_name_or_path", None)
+        if not source:
+            raise ValueError(f"{where}: pass processing_class (the tokenizer) for this model")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, ref_model, tokenizer
+
+
+def _each(datasets: Any, name: str, fn: Any) -> Any:
+    """``fn(dataset, name)`` on an eval dataset, or on each of a dict of them."""
+    if isinstance(datasets, dict):
+        return {k: fn(v, f"{name}[{k!r}]") for k, v in datasets.items()}
+    return fn(datasets, name)
