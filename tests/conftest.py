@@ -78,3 +78,18 @@ def has(module: str) -> bool:
     except ImportError:
         return False
     return True
+
+
+@pytest.fixture(params=["own keys", "shared keys"])
+def keys(request, monkeypatch):
+    """Both exact forms of the shared group attention (prefopt.layout.response_attention).
+
+    For the PyTorch and the JAX group forward alike.
+    """
+    import math
+
+    import prefopt.layout
+
+    waste = 0.0 if request.param == "own keys" else math.inf
+    monkeypatch.setattr(prefopt.layout, "SHARED_KEYS_MAX_WASTE", waste)
+    return request.param

@@ -1,7 +1,6 @@
 """The group forward: each prompt once per group (packed, block-causal mask) and log-probs
 without the logits tensor, equal to running every response as its own sequence."""
 
-import math
 import types
 
 import pytest
@@ -87,16 +86,6 @@ def grads(model, fn):
 
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma"]
-
-
-@pytest.fixture(params=["own keys", "shared keys"])
-def keys(request, monkeypatch):
-    """Both exact forms of the shared attention (prefopt.layout.response_attention)."""
-    import prefopt.layout
-
-    waste = 0.0 if request.param == "own keys" else math.inf
-    monkeypatch.setattr(prefopt.layout, "SHARED_KEYS_MAX_WASTE", waste)
-    return request.param
 
 
 @pytest.mark.usefixtures("keys")

@@ -1,7 +1,6 @@
 """JAX specifics: jit, grad, vmap, and arrays sharded over several (simulated) devices."""
 
 import functools
-import math
 
 import numpy as np
 import pytest
@@ -423,15 +422,6 @@ def packed_batch(groups, bucket=None):
     arrays = collate_ids(groups, pad_id=0, pad_to_multiple_of=bucket)
     packed = pack_groups(arrays, pad_to_multiple_of=bucket)
     return {**{k: jnp.asarray(v) for k, v in arrays.items()}, "packed": packed.map(jnp.asarray)}
-
-
-@pytest.fixture(params=["own keys", "shared keys"])
-def keys(request, monkeypatch):
-    import prefopt.layout
-
-    waste = 0.0 if request.param == "own keys" else math.inf
-    monkeypatch.setattr(prefopt.layout, "SHARED_KEYS_MAX_WASTE", waste)
-    return request.param
 
 
 @pytest.mark.usefixtures("keys")

@@ -11,7 +11,7 @@ import prefopt
 from prefopt._ops import get_namespace, stop_gradient
 from prefopt.losses.registry import spec
 
-__all__ = ["group_loss_and_metrics"]
+__all__ = ["engine_loss", "group_loss_and_metrics"]
 
 
 def group_loss_and_metrics(
@@ -77,3 +77,43 @@ def group_loss_and_metrics(
         xp=xp,
     )
     return value, metrics
+
+
+def engine_loss(
+    loss: str,
+    loss_options: dict[str, Any] | None,
+    pairs: str,
+    where: str,
+    n: int | None = None,
+) -> dict[str, Any]:
+    """The checked options of a loss on a GRPO engine (TRL's or tunix's), or one line why not.
+
+    The loss must be registered and train on groups of ``n`` completions (a batch-sorting
+    loss cannot; ``n=None``: checked with 2); ``pairs`` (``"all"`` or ``"best_worst"``) is
+    for a pairwise loss only; the options are checked with the loss's own messages.
+
+    Args:
+        loss: A registered loss name.
+        loss_options: Its options, or ``None``: its defaults.
+        pairs: ``"all"`` or ``"best_worst"``.
+        where: The caller's name, for the messages.
+        n: ``num_generations``, if known.
+
+    Returns:
+        Every option of the loss, the defaults filled in.
+    """
+    found = spec(loss, f"{where}: loss")
+    if pairs not in ("all", "best_worst"):
+        raise ValueError(f"{where}: pairs must be 'all' or 'best_worst'; got {pairs!r}")
+    if pairs != "all" and found.kind == "group":
+        raise ValueError(
+            f"{where}: pairs={pairs!r} is for a pairwise loss; {loss!r} takes whole groups"
+        )
+    why = found.refuses_groups(2)  # a batch-sorting loss
+    if why:
+        raise ValueError(f"{where}: loss {loss!r} {why}; use a group loss")
+    options = dict(found.config(loss_options, fn=where).options)
+    why = found.refuses_groups(n) if n is not None else None
+    if why:
+        raise ValueError(f"{where}: loss {loss!r} {why}; set num_generations=2 (got {n})")
+    return options

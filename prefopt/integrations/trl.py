@@ -22,8 +22,8 @@ from trl.trainer.utils import create_model_from_path, split_tensor_dict
 
 from prefopt.integrations.collator import PreferenceCollator
 from prefopt.integrations.forward import _is_peft, loss_and_metrics
+from prefopt.integrations.loss import engine_loss
 from prefopt.integrations.trainer import disable_dropout
-from prefopt.losses.registry import spec
 
 __all__ = ["GroupPreferenceGRPOTrainer"]
 
@@ -115,22 +115,10 @@ class GroupPreferenceGRPOTrainer(trl.GRPOTrainer):
         pairs: str = "all",
         **kwargs: Any,
     ):
-        found = spec(loss, f"{WHERE}: loss")
-        if pairs not in ("all", "best_worst"):
-            raise ValueError(f"{WHERE}: pairs must be 'all' or 'best_worst'; got {pairs!r}")
-        if pairs != "all" and found.kind == "group":
-            raise ValueError(
-                f"{WHERE}: pairs={pairs!r} is for a pairwise loss; {loss!r} takes whole groups"
-            )
-        why = found.refuses_groups(2)  # a batch-sorting loss: checked with num_generations
-        if why:
-            raise ValueError(f"{WHERE}: loss {loss!r} {why}; use a group loss")
-        options = dict(found.config(loss_options, fn=WHERE).options)
+        n = getattr(args, "num_generations", None)
+        options = engine_loss(loss, loss_options, pairs, WHERE, n)
         if args is not None:
-            n, per_device = args.num_generations, args.per_device_train_batch_size
-            why = found.refuses_groups(n)
-            if why:
-                raise ValueError(f"{WHERE}: loss {loss!r} {why}; set num_generations=2 (got {n})")
+            per_device = args.per_device_train_batch_size
             if per_device % n:
                 fit = -(-per_device // n) * n
                 raise ValueError(

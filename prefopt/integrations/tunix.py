@@ -38,8 +38,7 @@ from tunix.rl import common, function_registry
 from tunix.rl.grpo import grpo_learner
 
 import prefopt
-from prefopt.integrations.loss import group_loss_and_metrics
-from prefopt.losses.registry import spec
+from prefopt.integrations.loss import engine_loss, group_loss_and_metrics
 
 __all__ = ["GroupPreferenceGRPOLearner", "completion_mask"]
 
@@ -132,18 +131,8 @@ class GroupPreferenceGRPOLearner(grpo_learner.GRPOLearner):
         metric_fns: Sequence[Callable] | None = None,
         data_shuffle_seed: int | None = None,
     ):
-        found = spec(loss, f"{WHERE}: loss")
-        if pairs not in ("all", "best_worst"):
-            raise ValueError(f"{WHERE}: pairs must be 'all' or 'best_worst'; got {pairs!r}")
-        if pairs != "all" and found.kind == "group":
-            raise ValueError(
-                f"{WHERE}: pairs={pairs!r} is for a pairwise loss; {loss!r} takes whole groups"
-            )
         n = algo_config.num_generations
-        why = found.refuses_groups(n)
-        if why is not None:
-            raise ValueError(f"{WHERE}: loss {loss!r} {why}; set num_generations=2 (got {n})")
-        options = dict(found.config(loss_options, fn=WHERE).options)
+        options = engine_loss(loss, loss_options, pairs, WHERE, n)
         packing = rl_cluster.cluster_config.training_config.max_seq_token_per_tpu
         if packing is not None:
             raise ValueError(
