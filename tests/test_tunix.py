@@ -115,10 +115,17 @@ def test_the_loss_sees_raw_rewards_whole_groups_and_its_own_reference():
     value, aux = trainer._loss(actor, example, N, PAD)
     logps = one_at_a_time(actor).reshape(2, N)
     ref = np.asarray(example.ref_per_token_logps).sum(-1).reshape(2, N)
-    rewards = np.asarray(example.advantages).reshape(2, N)
+    rewards = np.array(example.advantages).reshape(2, N)
     expected = prefopt.batch_loss("mpo", logps, ref, rewards, beta=0.1)
     assert float(value) == pytest.approx(float(expected), rel=1e-5)
     assert float(aux["kl"]) == pytest.approx(0.0, abs=1e-6)  # the policy is the reference
+    # an unscored completion (NaN reward) is left out of its group, not a NaN loss
+    unscored = example.replace(advantages=example.advantages.at[0].set(jnp.nan))
+    rewards[0, 0], mask = 0.0, np.ones((2, N), bool)
+    mask[0, 0] = False
+    value, _ = trainer._loss(actor, unscored, N, PAD)
+    expected = prefopt.batch_loss("mpo", logps, ref, rewards, mask=mask, beta=0.1)
+    assert float(value) == pytest.approx(float(expected), rel=1e-5)
     assert set(aux) >= {"kl", "pg_clipfrac", "prefopt_margin", "prefopt_accuracy"}
     assert mpo_tunix.word_tokenizer().pad_token_id == EOS == mpo_tunix.WORDS.index("<eos>")
 

@@ -11,7 +11,8 @@ clipped policy gradient:
 - the reference is the cluster's reference model, whatever tunix's ``beta`` says (the
   loss has its own ``beta``); log-probs are the models' own (temperature 1);
 - a micro-batch holds whole groups (tunix's micro-batches count prompts); sequence
-  packing, which would split them, is refused;
+  packing, which would split them, is refused; a completion whose reward is NaN (not
+  scored) is left out of its group;
 - a completion counts its tokens up to and including its first eos, so a tokenizer whose
   pad token is its eos still trains the eos (tunix's own mask, ``completion != pad``,
   drops it), and the prompt attends to an eos inside it (a chat template's turn end);
@@ -191,8 +192,9 @@ class GroupPreferenceGRPOLearner(grpo_learner.GRPOLearner):
         def grouped(x):
             return x.reshape(groups, n)
 
-        batch = {"rewards": grouped(example.advantages.astype(jnp.float32)),
-                 "mask": jnp.ones((groups, n), bool)}  # fmt: skip
+        rewards = grouped(example.advantages.astype(jnp.float32))
+        scored = jnp.isfinite(rewards)  # an unscored (NaN) completion is left out of its group
+        batch = {"rewards": jnp.where(scored, rewards, 0.0), "mask": scored}
         value, metrics = group_loss_and_metrics(
             self.loss, grouped(tokens.sum(-1)), grouped(ref_tokens.sum(-1)), batch,
             grouped(counted.sum(-1).astype(jnp.float32)), pairs=self.pairs, options=self.options,
