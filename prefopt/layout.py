@@ -14,7 +14,8 @@ after the prompt: token $k$ of any response has position $p + k$, as in its own 
 Each response's log-prob is then exactly the one of its own sequence: the first token is
 predicted by the prompt's last position, token $k > 0$ by the position before it.
 
-Written once against the Array API: the PyTorch integration and the JAX example use it.
+Written once against the Array API: the PyTorch group forward and the JAX one
+(``prefopt.integrations.jax.group_attention``) use it.
 """
 
 from __future__ import annotations

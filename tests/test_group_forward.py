@@ -240,12 +240,13 @@ def test_a_sliding_window_shorter_than_a_sequence_runs_unshared_and_exact():
 # ---- the data's one way through a step: packed once, at collation ---------------------------
 
 
-def packed_batch(seed=0):
+def packed_batch(seed=0, bucket=None):
     from prefopt.layout import pack_groups
 
     data = batch(seed)
     numpy = {k: v.numpy() for k, v in data.items()}
-    return {**data, "packed": pack_groups(numpy).map(torch.from_numpy)}
+    packed = pack_groups(numpy, pad_to_multiple_of=bucket)
+    return {**data, "packed": packed.map(torch.from_numpy)}
 
 
 class Syncs(torch.utils._python_dispatch.TorchDispatchMode):
@@ -289,6 +290,12 @@ def test_the_collators_layout_equals_the_one_packed_in_the_forward():
     a, a_grads = grads(model, lambda: batch_logps(model, packed_batch())[0])
     b, b_grads = grads(model, lambda: batch_logps(model, batch())[0])
     assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(a_grads, b_grads))
+    # sizes padded to buckets (as for a compiled step): the padded tokens belong to no one
+    c, c_grads = grads(model, lambda: batch_logps(model, packed_batch(bucket=8))[0])
+    assert packed_batch(bucket=8)["packed"].rows.shape[0] % 8 == 0
+    torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-10)
+    for x, y in zip(c_grads, a_grads):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
 
 
 def tool_batch(flags=True):

@@ -106,7 +106,9 @@ def batch_logps(
         }
         rows, cols, owner, targets = packed.rows, packed.cols, packed.owner, packed.targets
     token = _token_logps(model, inner, inputs, rows, cols, targets, fused)
-    logps = torch.zeros(B * n, dtype=token.dtype, device=token.device).index_add(0, owner, token)
+    # one slot more: a token padded by pack_groups(pad_to_multiple_of=...) belongs to B n
+    logps = torch.zeros(B * n + 1, dtype=token.dtype, device=token.device)
+    logps = logps.index_add(0, owner, token)[: B * n]
     return logps.reshape(B, n), lengths.to(token.dtype)
 
 
