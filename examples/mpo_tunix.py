@@ -11,8 +11,8 @@ the reference model, whole groups). Two models:
   ``rope_theta`` (always 1e6; SmolLM2's is 1e5): the script passes the checkpoint's, and
   first checks tunix's logits against prefopt's Flax Llama (itself within 1e-4 of
   transformers');
-- ``--model tiny``: a random 2-layer Llama 3 and a word tokenizer written here, on a copy
-  task (the tests use it).
+- ``--model tiny``: a random 2-layer Llama 3 and ``prefopt train``'s built-in word
+  tokenizer, on its copy task (the tests use it).
 
     pip install -e ".[tunix]"    # an environment of its own: see the tunix docs page
     python examples/mpo_tunix.py                      # SmolLM2, 8 steps of 2 prompts x 4
@@ -33,19 +33,14 @@ from flax import nnx
 
 from prefopt.integrations.tunix import GroupPreferenceGRPOLearner
 
-WORDS = ["<pad>", "<eos>", "<bos>", "copy:", *"abcdefgh"]
-
 
 def word_tokenizer():
-    """A word-level tokenizer over ``WORDS`` whose pad token is its eos (nothing downloaded)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """``prefopt train``'s built-in word tokenizer, its pad token its eos (nothing downloaded)."""
+    from prefopt.cli.task import builtin_tokenizer
 
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<eos>", eos_token="<eos>", bos_token="<bos>"
-    )
+    tokenizer = builtin_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token  # as many chat tokenizers: pad == eos
+    return tokenizer
 
 
 def mesh():
@@ -55,11 +50,13 @@ def mesh():
 
 
 def tiny_models(where):
-    """A random 2-layer Llama 3 over ``WORDS``: the policy and its reference (equal)."""
+    """A random 2-layer Llama 3 over the built-in words: the policy and its reference."""
     from tunix.models.llama3 import model as llama3
 
+    from prefopt.cli.task import VOCAB
+
     config = llama3.ModelConfig(
-        num_layers=2, vocab_size=len(WORDS), embed_dim=32, hidden_dim=64, num_heads=4,
+        num_layers=2, vocab_size=len(VOCAB), embed_dim=32, hidden_dim=64, num_heads=4,
         head_dim=8, num_kv_heads=2, rope_theta=10000, norm_eps=1e-5,
     )  # fmt: skip
     with jax.set_mesh(where):

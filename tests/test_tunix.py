@@ -3,7 +3,7 @@
 tunix lives in an environment of its own (its safetensors pin conflicts with the pinned
 transformers): CI runs this file there with ``PREFOPT_TUNIX=1``, which makes a missing
 tunix a failure; elsewhere the file is skipped. A 2-layer random ``tunix.models.llama3``
-and a word-level tokenizer written here: nothing is downloaded.
+and prefopt train's built-in word tokenizer (examples/mpo_tunix.py): nothing is downloaded.
 """
 
 import os
@@ -22,7 +22,7 @@ import prefopt  # noqa: E402
 from examples import mpo_tunix  # noqa: E402
 from prefopt.integrations.tunix import GroupPreferenceGRPOLearner, completion_mask  # noqa: E402
 
-PAD = EOS = 1  # the word tokenizer's pad token is its eos, as for many chat models
+PAD = EOS = 2  # the word tokenizer's pad token is its eos, as for many chat models
 N = 4
 SCORED = []  # what the reward function returned, call by call
 
@@ -127,7 +127,7 @@ def test_the_loss_sees_raw_rewards_whole_groups_and_its_own_reference():
     expected = prefopt.batch_loss("mpo", logps, ref, rewards, mask=mask, beta=0.1)
     assert float(value) == pytest.approx(float(expected), rel=1e-5)
     assert set(aux) >= {"kl", "pg_clipfrac", "prefopt_margin", "prefopt_accuracy"}
-    assert mpo_tunix.word_tokenizer().pad_token_id == EOS == mpo_tunix.WORDS.index("<eos>")
+    assert mpo_tunix.word_tokenizer().pad_token_id == EOS == mpo_tunix.word_tokenizer().eos_token_id
 
 
 def test_three_steps_train_the_policy_and_log_tunix_and_prefopt_metrics():

@@ -240,15 +240,10 @@ def _terms_fit(fn, hw, hl, f_divergence, f_alpha, xp, squared) -> None:
     ``f_transform`` would saturate it. Only where the values can be read (on the host,
     outside a trace); elsewhere the term saturates, as documented.
     """
-    if f_divergence == "forward_kl":
-        c = -1.0
-    elif f_divergence == "alpha_divergence" and isinstance(f_alpha, float) and f_alpha != 1.0:
-        c = f_alpha - 1.0
-    else:
-        return  # js_divergence is bounded; a traced alpha is not read
-    if not _checks.values_checked(hw, xp, None):
-        return
-    limit = _exponent_limit(hw.dtype, xp, squared) + min(0.0, math.log(abs(c)))
+    found = _exponent(hw.dtype, f_divergence, f_alpha, xp, squared)
+    if found is None or not _checks.values_checked(hw, xp, None):
+        return  # nothing can overflow, or a traced alpha or value that is not read
+    c, limit = found
     worst = float(xp.max(xp.maximum(c * hw, c * hl)))
     if worst > limit:
         h = worst / c
@@ -361,6 +356,23 @@ def f_transform(
     return xp.where(one, h, (xp.exp(xp.minimum(c * h, limit + xp.zeros_like(h))) - 1.0) / c)
 
 
+def _exponent(dtype, f_divergence: str, f_alpha, xp: ModuleType, squared: bool):
+    """``(c, limit)``: the transform's exponent is $x = c h$, clipped at ``limit``.
+
+    For a number ``f_alpha``; ``None`` where no exponent can overflow (``js_divergence``,
+    alpha 1) or alpha is an array (traced).
+    """
+    if f_divergence == "forward_kl":
+        c = -1.0
+    elif f_divergence == "alpha_divergence" and isinstance(f_alpha, (int, float)):
+        if f_alpha == 1.0:
+            return None
+        c = f_alpha - 1.0
+    else:
+        return None
+    return c, _exponent_limit(dtype, xp, squared) + min(0.0, math.log(abs(c)))
+
+
 def _exponent_limit(dtype, xp: ModuleType, squared: bool) -> float:
     """Where ``f_transform`` clips its exponent, before the ``log|alpha - 1|`` adjustment."""
     big = math.log(float(xp.finfo(dtype).max))
@@ -394,16 +406,14 @@ def f_margin(
     )
     if f_divergence not in ("forward_kl", "alpha_divergence"):
         return naive  # js_divergence: the terms never overflow
-    limit = _exponent_limit(hw.dtype, xp, squared)
-    if f_divergence == "forward_kl":
-        c = -1.0
+    found = _exponent(hw.dtype, f_divergence, f_alpha, xp, squared)
+    if found is not None:
+        c, limit = found
     elif isinstance(f_alpha, (int, float)):
-        if f_alpha == 1.0:
-            return naive
-        c = f_alpha - 1.0
-        limit += min(0.0, math.log(abs(c)))
+        return naive  # alpha = 1: h itself, nothing overflows
     else:  # a 0-d array alpha: at alpha = 1 nothing overflows, and the naive margin is used
         c = xp.where(f_alpha == 1.0, xp.ones_like(f_alpha), f_alpha - 1.0)
+        limit = _exponent_limit(hw.dtype, xp, squared)
         limit = limit + xp.minimum(xp.log(xp.abs(c)), xp.zeros_like(c))
     xw, xl = c * hw, c * hl
     top = xp.maximum(xw, xl)
