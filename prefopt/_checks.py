@@ -94,6 +94,12 @@ def _compute_dtype(xp: ModuleType, *dtypes):
     return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
 
 
+@functools.cache
+def eps(xp: ModuleType, dtype) -> float:
+    """The machine epsilon of a floating ``dtype``."""
+    return float(xp.finfo(dtype).eps)
+
+
 def cast(x: Array | None, dtype, xp: ModuleType) -> Array | None:
     if x is None or x.dtype == dtype:
         return x

@@ -83,6 +83,7 @@ NATIVE_OPS = {
     "log_sigmoid": "log_sigmoid(x) -> log(sigmoid(x)), elementwise: the shape and dtype of x",
     "softplus": "softplus(x) -> log(1 + e^x), elementwise: the shape and dtype of x",
     "logsumexp": "logsumexp(x, *, axis, keepdims) -> the stable log-sum-exp over axis",
+    "any_along": "any_along(x, axis) -> bool array: whether boolean x is true somewhere on axis",
     "is_concrete": "is_concrete(x) -> bool: x's values can be read (not traced, not batched)",
     "all_finite": "all_finite(x) -> bool, or None when x is not concrete",
     "on_host": "on_host(x) -> bool: x is in host memory (reading it costs no device sync)",
@@ -138,6 +139,16 @@ def stop_gradient(x: Array, *, xp: ModuleType) -> Array:
     """``x`` as a constant for autodiff (``detach`` / ``lax.stop_gradient``); NumPy: ``x``."""
     backend = native(xp)
     return x if backend is None else backend.stop_gradient(x)
+
+
+def any_along(x: Array, axis: int, *, xp: ModuleType) -> Array:
+    """``xp.any(x, axis=axis)`` for a boolean ``x``, natively where a backend has it.
+
+    array-api-compat's torch ``any`` adds a cast to bool after the reduction: on the eager
+    hot path of MPO's split that costs more than the reduction itself.
+    """
+    backend = native(xp)
+    return xp.any(x, axis=axis) if backend is None else backend.any_along(x, axis)
 
 
 def softplus(x: Array, *, xp: ModuleType | None = None) -> Array:

@@ -118,5 +118,12 @@ def test_every_native_backend_keeps_the_op_contract(diff_backend, rng):
     assert ops.is_concrete(x) is True and ops.on_host(x) is (diff_backend.name in ("torch", "jax"))
     assert ops.all_finite(x) is True
     assert ops.all_finite(diff_backend.asarray([1.0, np.inf])) is False
+    assert ops.all_finite(diff_backend.asarray([np.nan, 1.0])) is False
+    big = diff_backend.asarray([3e38, 3e38], "float32")  # finite entries, an infinite sum
+    assert ops.all_finite(big) is True
+    flags = diff_backend.asarray([[True, False], [False, False]], "bool")
+    out = ops.any_along(flags, -1)
+    assert out.shape == (2,) and out.dtype == get_namespace(flags).bool
+    assert diff_backend.to_numpy(out).tolist() == [True, False]
     _, (g,) = diff_backend.value_and_grad(lambda a: ops.stop_gradient(a) * a, [x], [0])
     assert_close(diff_backend.to_numpy(g), diff_backend.to_numpy(x), "float32")  # d(c a)/da = c

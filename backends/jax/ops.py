@@ -27,6 +27,11 @@ def logsumexp(x, *, axis, keepdims):
     return jax.nn.logsumexp(x, axis=axis, keepdims=keepdims)
 
 
+def any_along(x, axis):
+    """Whether an entry along ``axis`` is true, natively."""
+    return jax.numpy.any(x, axis=axis)
+
+
 def is_concrete(x) -> bool:
     """Whether the values of ``x`` can be read (not a tracer)."""
     return not isinstance(x, jax.core.Tracer)

@@ -11,6 +11,7 @@ from array_api_compat import device
 from prefopt import _checks
 from prefopt._ops import (
     Array,
+    any_along,
     get_namespace,
     log_sigmoid,
     logsumexp,
@@ -65,7 +66,7 @@ def split(group: Group, chosen: Array | None = None) -> Split:
         chosen = q * n > xp.sum(q, axis=-1, keepdims=True)
     elif chosen is None:
         scale = xp.max(xp.abs(r), axis=-1, keepdims=True)
-        chosen = deviation > (4.0 * float(xp.finfo(r.dtype).eps)) * count * scale
+        chosen = deviation > (4.0 * _checks.eps(xp, r.dtype)) * count * scale
     if valid is None:
         rejected = ~chosen
     else:
@@ -73,7 +74,7 @@ def split(group: Group, chosen: Array | None = None) -> Split:
         rejected = valid ^ chosen
     # Both any()s are needed even for the mean split: a group of one valid response has an
     # empty chosen set, a group of equal rewards too.
-    counted = xp.any(chosen, axis=-1) & xp.any(rejected, axis=-1)
+    counted = any_along(chosen, -1, xp=xp) & any_along(rejected, -1, xp=xp)
     return Split(deviation, chosen, rejected, counted)
 
 

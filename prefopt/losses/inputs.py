@@ -621,12 +621,12 @@ def group_rewards(
     exact mean split and cast to ``dtype`` for the arithmetic; half-precision rewards are
     computed in float32 (``2**r`` or ``r / tau`` would overflow or round in float16).
     """
-    ratings = None
-    if not _checks.is_floating(rewards.dtype, xp):
+    ratings, wide = None, _checks.compute_dtype_of(xp, rewards.dtype)  # None for integers
+    if wide is None:
         ratings = rewards if mask is None else xp.where(mask, rewards, xp.zeros_like(rewards))
         rewards = xp.astype(rewards, dtype)
-    elif xp.finfo(rewards.dtype).bits < 32:
-        rewards = xp.astype(rewards, xp.float32)
+    elif wide != rewards.dtype:
+        rewards = xp.astype(rewards, wide)
     rewards = stop_gradient(rewards, xp=xp)
     r = rewards if mask is None else xp.where(mask, rewards, 0.0)
     total = xp.sum(r, axis=-1, keepdims=True)
