@@ -143,6 +143,37 @@ def test_a_trl_dpo_config_is_read_not_ignored(tok, tmp_path):
     assert trainer_settings(args).losses[0][2]["tau"] == 0.3
 
 
+def test_a_dpo_config_passes_each_loss_the_options_its_spec_names(tmp_path):
+    from prefopt.losses.registry import specs
+
+    # TRL 1.16's dpo_trainer.py: the loss types that read each DPOConfig field
+    f_takers = {"sigmoid", "dpo", "robust", "ipo", "hinge", "exo_pair", "discopop", "sigmoid_norm"}
+    takers = {
+        ("label_smoothing", 0.2): {"robust", "exo_pair", "aot", "aot_unpaired"},
+        ("f_divergence", "js_divergence"): f_takers,
+        ("f_alpha", 0.5): f_takers,
+        ("tau", 0.3): {"discopop"},
+    }
+    fields = dict(
+        label_smoothing=0.2,
+        f_divergence_type="js_divergence",
+        f_alpha_divergence_coef=0.5,
+        discopop_tau=0.3,
+    )
+    for name, found in specs().items():
+        if found.refuses_groups(2) or name in ("sigmoid", "dpo"):
+            continue  # not trainable on pairs; sigmoid's smoothing warns (test below)
+        if "f_divergence" in found.defaults and name not in f_takers:
+            continue  # refused, as in TRL (test_an_unsupported_dpo_config_field_raises)
+        args = dpo_config(tmp_path, loss_type=[name], **fields)
+        (_, _, options), = trainer_settings(args).losses  # fmt: skip
+        for (option, value), names in takers.items():
+            if option in found.defaults:
+                expected = value if name in names else found.defaults[option]
+                assert options[option] == expected, (name, option)
+    assert {n for n, s in specs().items() if "tau" in s.trl_options} == {"discopop"}
+
+
 def test_trl_sigmoid_label_smoothing_keeps_trls_meaning_with_a_warning(tmp_path):
     args = dpo_config(tmp_path, label_smoothing=0.1)
     with pytest.warns(UserWarning, match="ignored by TRL 1.16's 'sigmoid'"):

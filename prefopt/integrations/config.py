@@ -113,15 +113,13 @@ class TrainerSettings:
         return not self.reference_free and any(s.reference != "none" for s in self.specs)
 
 
-# TRL DPOConfig fields -> prefopt option names, and the losses TRL gives them to.
-_TRL_OPTIONS = {
-    "label_smoothing": ("label_smoothing", {"robust", "exo_pair", "aot", "aot_unpaired"}),
-    "f_divergence_type": (
-        "f_divergence",
-        {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop"},
-    ),
-    "f_alpha_divergence_coef": ("f_alpha", None),  # with f_divergence, where it is taken
-    "discopop_tau": ("tau", {"discopop"}),
+# TRL DPOConfig fields -> prefopt option names; a loss's spec says which TRL passes it
+# (LossSpec.trl_options).
+_TRL_FIELDS = {
+    "label_smoothing": "label_smoothing",
+    "f_divergence_type": "f_divergence",
+    "f_alpha_divergence_coef": "f_alpha",
+    "discopop_tau": "tau",
 }
 # DPOConfig fields prefopt does not implement: refused when set to anything but these.
 _TRL_UNSUPPORTED = {
@@ -158,10 +156,10 @@ def _refuse_unsupported(args: Any, names: list[str], where: str) -> None:
 def _trl_options(args: Any, name: str, found: Any, where: str) -> dict[str, Any]:
     """The options a ``DPOConfig`` gives loss ``name`` (its spec ``found``), as TRL does."""
     given = {"beta": args.beta}
-    for field, (option, takers) in _TRL_OPTIONS.items():
-        if option in found.defaults and (takers is None or name in takers):
+    for field, option in _TRL_FIELDS.items():
+        if option in found.trl_options:
             given[option] = getattr(args, field)
-    if "f_divergence" in found.defaults and name not in _TRL_OPTIONS["f_divergence_type"][1]:
+    if "f_divergence" in found.defaults and "f_divergence" not in found.trl_options:
         if args.f_divergence_type != "reverse_kl":
             raise ValueError(
                 f"{where}: f_divergence_type={args.f_divergence_type!r} is not "

@@ -93,6 +93,9 @@ class LossSpec:
         terms: For a loss whose counting rule needs its own split (MPO), the function of
             the loss's arguments (a dict) that returns the per-group loss and the groups
             that count in one pass, so that a ``"mean"`` splits once; else ``None``.
+        trl_options: The options TRL 1.16's ``DPOConfig`` sets for this loss besides
+            ``beta``, by prefopt's names (``label_smoothing``, ``f_divergence`` with its
+            ``f_alpha``, ``tau``): a ``DPOConfig`` passes the loss these and no other.
         inputs: The arrays of the layout that the loss function takes (``xp`` too).
         defaults: The loss's options (keyword-only settings that are not arrays) and
             their defaults.
@@ -105,6 +108,7 @@ class LossSpec:
     counts: str = "all"
     couples_batch: bool = False
     terms: Callable | None = None
+    trl_options: tuple[str, ...] = ()
     # read from the function's signature when the spec is built (never under a trace)
     reference: str = field(init=False, compare=False)
     lengths: str = field(init=False, compare=False)
@@ -128,6 +132,8 @@ class LossSpec:
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)  # a frozen dataclass
+        if not set(self.trl_options) <= set(defaults):
+            raise TypeError(f"{self.name}: trl_options {self.trl_options} are not all options")
 
     @property
     def kind(self) -> str:
@@ -228,23 +234,34 @@ def _spec(name, fn, title, layout, **facts) -> tuple[str, LossSpec]:
     return name, LossSpec(name, fn, title, layout, **facts)
 
 
+# what TRL's DPOConfig passes (LossSpec.trl_options): its f_divergence_type with its
+# f_alpha_divergence_coef, and its label_smoothing
+_F, _LS = ("f_divergence", "f_alpha"), ("label_smoothing",)
+
 _LOSSES: dict[str, LossSpec] = dict(
     [
-        _spec("sigmoid", dpo_loss, "DPO", "pair"),
-        _spec("dpo", dpo_loss, "DPO", "pair"),
-        _spec("robust", robust_dpo_loss, "RobustDPO", "pair"),
-        _spec("ipo", ipo_loss, "IPO", "pair"),
-        _spec("hinge", hinge_loss, "Hinge", "pair"),
-        _spec("exo_pair", exo_pair_loss, "EXOPair", "pair"),
+        _spec("sigmoid", dpo_loss, "DPO", "pair", trl_options=_F),
+        _spec("dpo", dpo_loss, "DPO", "pair", trl_options=_F),
+        _spec("robust", robust_dpo_loss, "RobustDPO", "pair", trl_options=_LS + _F),
+        _spec("ipo", ipo_loss, "IPO", "pair", trl_options=_F),
+        _spec("hinge", hinge_loss, "Hinge", "pair", trl_options=_F),
+        _spec("exo_pair", exo_pair_loss, "EXOPair", "pair", trl_options=_LS + _F),
         _spec("nca_pair", nca_pair_loss, "NCAPair", "pair"),
         _spec("bco_pair", bco_pair_loss, "BCOPair", "pair"),
         _spec("sppo_hard", sppo_hard_loss, "SPPOHard", "pair"),
         _spec("apo_zero", apo_zero_loss, "APOZero", "pair"),
         _spec("apo_down", apo_down_loss, "APODown", "pair"),
-        _spec("discopop", discopop_loss, "DiscoPOP", "pair"),
-        _spec("aot", aot_loss, "AOT", "pair", couples_batch=True),
-        _spec("aot_unpaired", aot_unpaired_loss, "AOTUnpaired", "pair", couples_batch=True),
-        _spec("sigmoid_norm", sigmoid_norm_loss, "SigmoidNorm", "pair"),
+        _spec("discopop", discopop_loss, "DiscoPOP", "pair", trl_options=(*_F, "tau")),
+        _spec("aot", aot_loss, "AOT", "pair", couples_batch=True, trl_options=_LS),
+        _spec(
+            "aot_unpaired",
+            aot_unpaired_loss,
+            "AOTUnpaired",
+            "pair",
+            couples_batch=True,
+            trl_options=_LS,
+        ),
+        _spec("sigmoid_norm", sigmoid_norm_loss, "SigmoidNorm", "pair", trl_options=_F),
         _spec("simpo", simpo_loss, "SimPO", "pair"),
         _spec("cpo", cpo_loss, "CPO", "pair"),
         _spec("orpo", orpo_loss, "ORPO", "pair"),
