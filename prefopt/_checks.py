@@ -108,6 +108,8 @@ def cast(x: Array | None, dtype, xp: ModuleType) -> Array | None:
 
 def number(fn: str, name: str, value) -> float:
     """``value`` as a float if it is a real number (not a string, a bool, None or an array)."""
+    if type(value) is float:  # the common case, before the slower isinstance on an ABC
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         got = f"{type(value).__name__} {value!r}" if len(repr(value)) < 40 else type(value).__name__
         raise TypeError(f"{fn}: {name} must be a real number; got {got}")
@@ -155,14 +157,14 @@ def scalar(fn: str, name: str, value, dtype, xp: ModuleType):
 
 def positive(fn: str, name: str, value: float) -> float:
     value = number(fn, name, value)
-    if not value > 0 or value == float("inf"):
+    if not value > 0 or value == math.inf:
         raise ValueError(f"{fn}: {name} must be a finite number > 0; got {value}")
     return value
 
 
 def non_negative(fn: str, name: str, value: float) -> float:
     value = number(fn, name, value)
-    if not 0 <= value < float("inf"):
+    if not 0 <= value < math.inf:
         raise ValueError(f"{fn}: {name} must be a finite number >= 0; got {value}")
     return value
 

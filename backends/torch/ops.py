@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-# prefopt memoises dtype facts and option rules with functools caches (pure functions),
+# prefopt memoises dtype facts and a loss's lengths kind with functools caches (pure functions),
 # which torch.compile traces through, as it does array-api-compat's own (_helpers.py, under
 # a trace, where prefopt's type cache is not read); its warning about them is not news.
 warnings.filterwarnings(

@@ -31,8 +31,11 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 WEIGHTINGS = ("abs", "signed", "squared", "none")
 
 
-# The checks of the options that mean the same in every loss; a loss with a narrower range
-# (robust DPO's label_smoothing < 0.5, DiscoPOP's tau <= 1) adds one line of its own.
+# The checks of the numeric options, which mean the same in every loss; a loss with a
+# narrower range (robust DPO's label_smoothing < 0.5, DiscoPOP's tau <= 1) adds one line of
+# its own. Each option is a Python number or a 0-d array of the inputs' library, which may
+# be traced (a schedule inside ``jax.jit``, ``vmap`` over beta, a 0-d tensor that
+# ``torch.compile`` does not specialise on).
 _OPTION_CHECKS = {
     "beta": _checks.positive,
     "tau": _checks.positive,
@@ -44,18 +47,10 @@ _OPTION_CHECKS = {
     "undesirable_weight": _checks.non_negative,
     "label_smoothing": functools.partial(_checks.in_range, low=0.0, high=0.5),
     "delta": _checks.finite,
-    "f_divergence": lambda fn, name, v: _checks.one_of(fn, name, v, F_DIVERGENCES),
-    "weighting": lambda fn, name, v: _checks.one_of(fn, name, v, WEIGHTINGS),
 }
-
-
-# The options that are numbers: each a Python number or a 0-d array of the inputs' library,
-# which may be traced (a schedule inside ``jax.jit``, ``vmap`` over beta, a 0-d tensor that
-# ``torch.compile`` does not specialise on). The others choose code and stay static.
-NUMERIC = frozenset(
-    ("beta", "tau", "f_alpha", "alpha", "gamma", "cpo_alpha", "delta", "label_smoothing",
-     "desirable_weight", "undesirable_weight")
-)  # fmt: skip
+NUMERIC = frozenset(_OPTION_CHECKS)
+# The options that choose code (static strings), and their choices.
+CHOICES = {"f_divergence": F_DIVERGENCES, "weighting": WEIGHTINGS}
 
 
 def _range(low: float, high: float, **open_end: bool):
@@ -88,84 +83,42 @@ def reads_terms(loss):
     return loss
 
 
-def check_options(fn, args: Mapping[str, Any]) -> None:
-    """Check every option of ``args`` that has a rule (raises naming it).
+def option_rule(fn, name: str):
+    """The check of numeric option ``name`` for loss ``fn``, or ``None`` where it has none.
 
-    ``fn`` is the loss function (its name for the message, and its narrower ranges, robust
-    DPO's ``label_smoothing < 0.5``...), or a caller's name. A numeric option given as an
-    array is checked where its value can be read (see ``_checks.option``).
+    The loss's narrower range where it states one (``@narrower``), else the common rule. A
+    rule is ``rule(fn_name, name, value)``, raising for a bad value and returning it as a
+    float: ``_checks.positive``, ``non_negative``, ``finite`` or a partial of
+    ``_checks.in_range`` with its bounds.
     """
-    for name, rule, numeric in _rules(fn, tuple(args))[0]:
-        if numeric:
-            _checks.option(_name(fn), name, args[name], rule)
+    return getattr(fn, "option_ranges", {}).get(name) or _OPTION_CHECKS.get(name)
+
+
+def checked_options(fn, args: Mapping[str, Any], dtype=None, xp=None) -> dict[str, Any]:
+    """Check every option of ``args`` that has a rule (raises naming it); return the numbers.
+
+    ``fn`` is the loss function (its name for the message, its narrower ranges), or a
+    caller's name. The numeric options come back as floats, or as 0-d arrays cast to the
+    compute ``dtype`` of namespace ``xp`` (with ``xp=None``: as given). An array is checked
+    where its value can be read (see ``_checks.option``).
+    """
+    where, narrow, out = _name(fn), getattr(fn, "option_ranges", {}), {}
+    for name, value in args.items():
+        if name in CHOICES:
+            _checks.one_of(where, name, value, CHOICES[name])
+        if name not in NUMERIC:
+            continue  # an array, a choice, xp...
+        rule = narrow.get(name) or _OPTION_CHECKS[name]
+        if type(value) is float or type(value) is int:  # the common case: a plain number
+            out[name] = rule(where, name, value)
         else:
-            rule(_name(fn), name, args[name])
+            value = _checks.option(where, name, value, rule)
+            out[name] = value if xp is None else _checks.scalar(where, name, value, dtype, xp)
+    return out
 
 
 def _name(fn) -> str:
     return fn if isinstance(fn, str) else fn.__name__
-
-
-def numeric_options(fn: str, args: Mapping[str, Any], dtype, xp: ModuleType) -> dict[str, Any]:
-    """The numeric options of ``args`` in the compute ``dtype`` (numbers as floats)."""
-    out = {}
-    for name in _numeric(tuple(args)):
-        value = args[name]
-        out[name] = value if type(value) is float else _checks.scalar(fn, name, value, dtype, xp)
-    return out
-
-
-def checked_options(fn, args: Mapping[str, Any], dtype, xp: ModuleType) -> dict[str, Any]:
-    """``check_options`` then ``numeric_options``: the options checked, the numbers returned.
-
-    Options that are all plain numbers and strings (the common case) are checked and
-    converted once per set of values, which keeps the eager hot path short.
-    """
-    rules, names = _rules(fn, tuple(args))
-    values = tuple(map(args.__getitem__, names))
-    if _PLAIN.issuperset(map(type, values)):
-        return dict(_plain_options(_name(fn), rules, values))
-    check_options(fn, args)
-    return numeric_options(_name(fn), args, dtype, xp)
-
-
-# Eager calls are a hot path: the rules that apply to a loss's arguments, and the check of a
-# set of plain values, are memoised (functools caches, which torch.compile traces through).
-_PLAIN = frozenset((float, int, str))
-
-
-def option_rules(fn, names) -> tuple[tuple[str, Any, bool], ...]:
-    """``(name, rule, numeric)`` for each of ``names`` that has a check, for loss ``fn``.
-
-    A rule is ``rule(fn_name, name, value)`` raising for a bad value: one of
-    ``_checks.positive``, ``non_negative``, ``finite``, ``one_of`` (a lambda) or a partial
-    of ``_checks.in_range`` with its bounds.
-    """
-    return _rules(fn, tuple(names))[0]
-
-
-@functools.cache
-def _rules(fn, names: tuple[str, ...]) -> tuple[tuple, tuple[str, ...]]:
-    """The options among ``names`` that have a rule: ``((name, rule, numeric), ...)``, names."""
-    rules = {**_OPTION_CHECKS, **getattr(fn, "option_ranges", {})}
-    found = tuple((name, rules[name], name in NUMERIC) for name in names if name in rules)
-    return found, tuple(name for name, _, _ in found)
-
-
-@functools.cache
-def _numeric(names: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(name for name in names if name in NUMERIC)
-
-
-@functools.lru_cache(maxsize=4096, typed=True)
-def _plain_options(fn: str, rules: tuple, values: tuple) -> dict[str, float]:
-    """The numeric options among plain ``values``, checked by ``rules``, as floats."""
-    out = {}
-    for (name, rule, numeric), value in zip(rules, values):
-        rule(fn, name, value)  # raises for a bad value; a good set is remembered
-        if numeric:
-            out[name] = float(value)
-    return out
 
 
 # ---- pairs: (B,) chosen and rejected ------------------------------------------------------
@@ -181,7 +134,7 @@ class Pair(NamedTuple):
     lw: Array | None  # (B,) |y_w|, token counts in the compute dtype, or None
     ll: Array | None  # (B,) |y_l|
     beta: float | Array  # a number, or a 0-d array in the compute dtype
-    options: dict[str, Any]  # every numeric option likewise (see numeric_options)
+    options: dict[str, Any]  # every numeric option likewise (see checked_options)
 
     def margin(self, negated: bool = False) -> Array:
         r"""$\beta (h_w - h_l)$, or with ``negated`` $\beta (h_l - h_w)$.
@@ -479,7 +432,7 @@ class Group(NamedTuple):
     ratings: Array | None  # (B, n) integer rewards as given, 0 on padding; None for floats
     beta: float | Array  # a number, or a 0-d array in the compute dtype
     chosen: Array | None = None  # (B, n) explicit chosen set (MPO), or None: the mean split
-    options: dict[str, Any] | None = None  # every numeric option (see numeric_options)
+    options: dict[str, Any] | None = None  # every numeric option (see checked_options)
 
 
 def group_inputs(fn, args) -> Group:
@@ -662,7 +615,7 @@ class Unpaired(NamedTuple):
     xp: ModuleType
     ratios: Array  # (B,) h(y): log-ratio, or log-prob without a reference
     beta: float | Array  # a number, or a 0-d array in the compute dtype
-    options: dict[str, Any]  # every numeric option likewise (see numeric_options)
+    options: dict[str, Any]  # every numeric option likewise (see checked_options)
 
 
 def unpaired_inputs(fn, args) -> Unpaired:

@@ -24,7 +24,7 @@ from prefopt.losses.group import (
     nca_loss,
     plackett_luce_loss,
 )
-from prefopt.losses.inputs import check_options, lengths_kind
+from prefopt.losses.inputs import checked_options, lengths_kind
 from prefopt.losses.pairwise import (
     aot_loss,
     aot_unpaired_loss,
@@ -205,7 +205,7 @@ class LossSpec:
             ValueError: For a value out of its range.
         """
         options = self.options(given, fn=fn)
-        check_options(self.fn, options)
+        checked_options(self.fn, options)
         return LossConfig(self, MappingProxyType(options))
 
 
