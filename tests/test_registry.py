@@ -268,3 +268,33 @@ def test_every_loss_passes_each_of_its_parameters_by_name_to_its_checks(name, mo
     positional, keywords, options = make_case(name, "random", rng, VARIANTS.get(name, [{}])[0])
     fn(*positional, **keywords, **options)
     assert seen and seen[0] >= set(inspect.signature(fn).parameters), name
+
+
+@pytest.mark.parametrize("name", sorted(prefopt.available_losses()))
+def test_the_spec_carries_the_range_each_option_is_checked_with(name):
+    found = prefopt.losses.registry.spec(name)
+    numbers = {k for k, v in found.defaults.items() if isinstance(v, float)}
+    assert set(found.ranges) == numbers
+    fn = found.fn.__name__
+    for option, rule in found.ranges.items():
+        for value in (-1.0, 0.0, 0.5, 1.0, 1.5, float("inf"), float("nan")):
+            try:
+                rule(fn, option, value)
+            except ValueError as err:  # out of the spec's range: the loss says the same
+                with pytest.raises(ValueError, match=f"^{re.escape(str(err))}$"):
+                    found.config({option: value})
+            else:
+                assert found.config({option: value}).options[option] == value
+
+
+def test_a_narrower_range_is_the_losses_own():
+    def check(name, option, value):
+        found = prefopt.losses.registry.spec(name)
+        return found.ranges[option](found.fn.__name__, option, value)
+
+    with pytest.raises(ValueError, match=r"label_smoothing must lie in \[0.0, 0.5\); got 0.5"):
+        check("robust", "label_smoothing", 0.5)
+    assert check("sigmoid", "label_smoothing", 0.5) == 0.5  # cDPO: 0.5 allowed
+    with pytest.raises(ValueError, match=r"tau must lie in \(0.0, 1.0\]; got 1.5"):
+        check("discopop", "tau", 1.5)
+    assert check("infonca", "tau", 1.5) == 1.5

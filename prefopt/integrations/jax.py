@@ -39,7 +39,6 @@ from prefopt import _checks
 from prefopt.backends.jax import fused_linear_logps
 from prefopt.integrations.loss import group_loss_and_metrics
 from prefopt.layout import PackedGroups, ResponseAttention
-from prefopt.losses.inputs import NUMERIC, option_rule
 from prefopt.losses.registry import spec
 
 __all__ = [
@@ -306,7 +305,8 @@ def _value_checks(loss: str, batch: dict[str, Any], options: dict[str, Any]) -> 
     """
     from jax.experimental import checkify
 
-    fn = spec(loss, "loss_and_metrics").fn
+    found = spec(loss, "loss_and_metrics")
+    fn = found.fn
     bad = jnp.sum(jnp.any(batch["mask"] & ~jnp.isfinite(batch["rewards"]), axis=-1))
     checkify.check(
         bad == 0,
@@ -315,13 +315,13 @@ def _value_checks(loss: str, batch: dict[str, Any], options: dict[str, Any]) -> 
         bad,
     )
     for name, value in options.items():
-        if name in NUMERIC and not isinstance(value, (int, float)):
-            holds, needs = _traced_rule(option_rule(fn, name), jnp.asarray(value))
+        if name in found.ranges and not isinstance(value, (int, float)):
+            holds, needs = _traced_rule(found.ranges[name], jnp.asarray(value))
             checkify.check(holds, f"{fn.__name__}: {name} must {needs}; got {{}}", value)
 
 
 def _traced_rule(rule: Any, v: Any) -> tuple[Any, str]:
-    """A numeric option's rule (see ``option_rule``) on a traced value: (holds, wording)."""
+    """A numeric option's rule (``LossSpec.ranges``) on a traced value: (holds, wording)."""
     if rule is _checks.positive:
         return (v > 0) & (v < math.inf), "be a finite number > 0"
     if rule is _checks.non_negative:

@@ -102,13 +102,13 @@ def checked_options(fn, args: Mapping[str, Any], dtype=None, xp=None) -> dict[st
     compute ``dtype`` of namespace ``xp`` (with ``xp=None``: as given). An array is checked
     where its value can be read (see ``_checks.option``).
     """
-    where, narrow, out = _name(fn), getattr(fn, "option_ranges", {}), {}
+    where, out = _name(fn), {}
     for name, value in args.items():
         if name in CHOICES:
             _checks.one_of(where, name, value, CHOICES[name])
         if name not in NUMERIC:
             continue  # an array, a choice, xp...
-        rule = narrow.get(name) or _OPTION_CHECKS[name]
+        rule = option_rule(fn, name)
         if type(value) is float or type(value) is int:  # the common case: a plain number
             out[name] = rule(where, name, value)
         else:

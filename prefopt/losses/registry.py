@@ -24,7 +24,7 @@ from prefopt.losses.group import (
     nca_loss,
     plackett_luce_loss,
 )
-from prefopt.losses.inputs import checked_options, lengths_kind
+from prefopt.losses.inputs import NUMERIC, checked_options, lengths_kind, option_rule
 from prefopt.losses.pairwise import (
     aot_loss,
     aot_unpaired_loss,
@@ -99,6 +99,9 @@ class LossSpec:
         inputs: The arrays of the layout that the loss function takes (``xp`` too).
         defaults: The loss's options (keyword-only settings that are not arrays) and
             their defaults.
+        ranges: The check of each numeric option, ``rule(fn_name, name, value)``: the
+            loss's narrower range where it states one, else the common rule (see
+            ``prefopt.losses.inputs.option_rule``).
     """
 
     name: str
@@ -114,6 +117,7 @@ class LossSpec:
     lengths: str = field(init=False, compare=False)
     inputs: tuple[str, ...] = field(init=False, repr=False, compare=False)
     defaults: dict[str, Any] = field(init=False, repr=False, compare=False)
+    ranges: dict[str, Callable] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         params = inspect.signature(self.fn).parameters
@@ -129,6 +133,7 @@ class LossSpec:
             "lengths": lengths_kind(self.fn),
             "inputs": inputs,
             "defaults": defaults,
+            "ranges": {k: option_rule(self.fn, k) for k in defaults if k in NUMERIC},
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)  # a frozen dataclass
