@@ -604,6 +604,7 @@ class LiPOLoss(PreferenceLoss):
 MODULES: dict[str, type[PreferenceLoss]] = {
     cls.__name__: cls for cls in PreferenceLoss.__subclasses__()
 }
+_BY_LOSS = {spec(cls.loss).fn: cls for cls in MODULES.values()}  # "dpo" is "sigmoid"'s
 
 __all__ = sorted(["PreferenceLoss", "loss_module", *MODULES])
 
@@ -625,5 +626,5 @@ def loss_module(name: str, **options: Any) -> PreferenceLoss:
         >>> loss_module("ipo", beta=0.2)
         IPOLoss(reduction='mean', beta=0.2, f_divergence='reverse_kl', f_alpha=0.5)
     """
-    cls = MODULES.get(spec(name, "loss_module").title + "Loss")
+    cls = _BY_LOSS.get(spec(name, "loss_module").fn)
     return PreferenceLoss(loss=name, **options) if cls is None else cls(**options)

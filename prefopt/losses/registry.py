@@ -75,7 +75,7 @@ class LossSpec:
     Attributes:
         name: The registered name (TRL's ``loss_type`` string where TRL has the loss).
         fn: The loss function.
-        title: The name papers use; the torch module is ``title + "Loss"``.
+        title: The name papers use (the torch module's class is named ``title + "Loss"``).
         layout: ``"pair"`` ((B,) chosen and rejected), ``"group"`` ((B, n) with rewards)
             or ``"unpaired"`` ((B,) responses marked desirable).
         reference: ``"optional"`` (a reference model's log-probs, or none) or ``"none"``
