@@ -91,7 +91,7 @@ def option_rule(fn, name: str):
     float: ``_checks.positive``, ``non_negative``, ``finite`` or a partial of
     ``_checks.in_range`` with its bounds.
     """
-    return getattr(fn, "option_ranges", {}).get(name) or _OPTION_CHECKS.get(name)
+    return getattr(fn, "option_ranges", {}).get(name, _OPTION_CHECKS.get(name))
 
 
 def checked_options(fn, args: Mapping[str, Any], dtype=None, xp=None) -> dict[str, Any]:
@@ -102,13 +102,14 @@ def checked_options(fn, args: Mapping[str, Any], dtype=None, xp=None) -> dict[st
     compute ``dtype`` of namespace ``xp`` (with ``xp=None``: as given). An array is checked
     where its value can be read (see ``_checks.option``).
     """
-    where, out = _name(fn), {}
+    where, narrow, out = _name(fn), getattr(fn, "option_ranges", {}), {}
     for name, value in args.items():
-        if name in CHOICES:
-            _checks.one_of(where, name, value, CHOICES[name])
-        if name not in NUMERIC:
-            continue  # an array, a choice, xp...
-        rule = option_rule(fn, name)
+        rule = _OPTION_CHECKS.get(name)
+        if rule is None:  # an array, xp, a choice
+            if name in CHOICES:
+                _checks.one_of(where, name, value, CHOICES[name])
+            continue
+        rule = narrow.get(name, rule)  # as option_rule
         if type(value) is float or type(value) is int:  # the common case: a plain number
             out[name] = rule(where, name, value)
         else:
