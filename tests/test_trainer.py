@@ -151,13 +151,13 @@ def test_a_dpo_config_passes_each_loss_the_options_its_spec_names(tmp_path):
     takers = {
         ("label_smoothing", 0.2): {"robust", "exo_pair", "aot", "aot_unpaired"},
         ("f_divergence", "js_divergence"): f_takers,
-        ("f_alpha", 0.5): f_takers,
+        ("f_alpha", 0.7): f_takers,  # not 0.5, the losses' default
         ("tau", 0.3): {"discopop"},
     }
     fields = dict(
         label_smoothing=0.2,
         f_divergence_type="js_divergence",
-        f_alpha_divergence_coef=0.5,
+        f_alpha_divergence_coef=0.7,
         discopop_tau=0.3,
     )
     for name, found in specs().items():
