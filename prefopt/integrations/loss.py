@@ -9,6 +9,7 @@ from typing import Any
 
 import prefopt
 from prefopt._ops import get_namespace, stop_gradient
+from prefopt.losses.compose import PAIRS
 from prefopt.losses.registry import spec
 
 __all__ = ["engine_loss", "group_loss_and_metrics"]
@@ -103,7 +104,7 @@ def engine_loss(
         Every option of the loss, the defaults filled in.
     """
     found = spec(loss, f"{where}: loss")
-    if pairs not in ("all", "best_worst"):
+    if pairs not in PAIRS:
         raise ValueError(f"{where}: pairs must be 'all' or 'best_worst'; got {pairs!r}")
     if pairs != "all" and found.kind == "group":
         raise ValueError(
