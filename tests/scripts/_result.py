@@ -13,14 +13,3 @@ def save_result(trainer, out: str) -> None:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         result = {"params": params, "losses": losses, "world": trainer.args.world_size}
         torch.save(result, os.path.join(out, "result.pt"))
-
-
-def close() -> None:
-    """Destroy the process group before the interpreter exits (every rank, after training).
-
-    Left to the interpreter's teardown, gloo's worker threads can outlive it and abort the
-    process (SIGABRT, "terminate called without an active exception"): torchrun then
-    reports the run failed, now and then, after it saved its result.
-    """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()

@@ -13,7 +13,7 @@ import os
 import datasets
 import transformers
 import trl
-from _result import close, save_result
+from _result import save_result
 
 from prefopt.cli.task import LETTERS, builtin_model, builtin_tokenizer, copy_task_reward
 from prefopt.integrations.trl import GroupPreferenceGRPOTrainer
@@ -64,7 +64,6 @@ def main():
     )  # fmt: skip
     trainer.train()
     save_result(trainer, args.out)
-    close()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import argparse
 import os
 
 import transformers
-from _result import close, save_result
+from _result import save_result
 
 from prefopt.cli.task import builtin_model, builtin_tokenizer
 from prefopt.integrations.transformers import PreferenceConfig, PreferenceTrainer
@@ -60,7 +60,6 @@ def main():
     )
     trainer.train()
     save_result(trainer, args.out)
-    close()
 
 
 if __name__ == "__main__":
